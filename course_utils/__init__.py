@@ -1,0 +1,44 @@
+"""DeepSeek from Scratch: the canonical, tested code behind the course notebooks.
+
+Each module owns one idea; notebooks build a piece step by step, assert that it equals the
+version here, and later notebooks import this one.
+"""
+
+from . import data, exercises, ngram, runtime, sampling, tokenizer
+from .data import (
+    ArithmeticProblem,
+    check_completion,
+    make_arithmetic_corpus,
+    make_story_corpus,
+    parse_final_answer,
+    sample_arithmetic_problems,
+)
+from .ngram import CountLanguageModel
+from .runtime import get_device, seed_everything
+from .sampling import sample_next_token, top_k_filter, top_p_filter
+from .tokenizer import ByteBPETokenizer, CharTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArithmeticProblem",
+    "ByteBPETokenizer",
+    "CharTokenizer",
+    "CountLanguageModel",
+    "check_completion",
+    "data",
+    "exercises",
+    "get_device",
+    "make_arithmetic_corpus",
+    "make_story_corpus",
+    "ngram",
+    "parse_final_answer",
+    "runtime",
+    "sample_arithmetic_problems",
+    "sample_next_token",
+    "sampling",
+    "seed_everything",
+    "tokenizer",
+    "top_k_filter",
+    "top_p_filter",
+]

@@ -1,0 +1,172 @@
+"""Where and how a notebook runs: device choice, seeding, Colab detection, threads, smoke scale.
+
+Every notebook starts with the same three lines::
+
+    from course_utils import runtime
+    device = runtime.get_device()      # COURSE_DEVICE overrides; else cuda, then mps, then cpu
+    runtime.seed_everything(0)
+
+Environment variables (all optional):
+
+- ``COURSE_DEVICE``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``. Asking for a device that is not
+  there is an error, never a silent fallback: the CUDA CI job relies on that.
+- ``COURSE_SMOKE``: ``1`` runs every cell at a smaller scale (fewer steps, smaller models) so the
+  full test suite fits CI's budget. Notebooks choose their sizes with :func:`scaled`.
+- ``COURSE_THREADS``: torch's intra-op thread count (see :func:`set_threads`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+#: GitHub ``owner/name`` of the course; badges and the Colab set-up cell are built from it.
+REPO = "deepseek-from-scratch/deepseek-from-scratch"
+#: The branch the Colab badges open.
+BRANCH = "main"
+
+_DEVICE_KINDS = ("cpu", "cuda", "mps")
+T = TypeVar("T")
+
+
+def colab_badge_url(notebook_path: str) -> str:
+    """The "Open in Colab" URL of a notebook, e.g. ``notebooks/00_course_overview.ipynb``."""
+    return f"https://colab.research.google.com/github/{REPO}/blob/{BRANCH}/{notebook_path}"
+
+
+def in_colab() -> bool:
+    """True when running inside a Google Colab runtime."""
+    return "google.colab" in sys.modules
+
+
+def _parse_device(name: str) -> torch.device:
+    name = name.strip().lower()
+    kind, _, index = name.partition(":")
+    if kind not in _DEVICE_KINDS or (index and not index.isdigit()):
+        raise ValueError(
+            f"COURSE_DEVICE={name!r} is not a device name; use one of "
+            "'cpu', 'cuda', 'cuda:N' or 'mps', or unset it to pick automatically"
+        )
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """The device the course runs on.
+
+    ``name`` (or else the ``COURSE_DEVICE`` environment variable) picks it explicitly; without
+    either, CUDA is used when present, then Apple's MPS, then the CPU. An explicit device that
+    this machine lacks raises ``RuntimeError``; a name that is no device raises ``ValueError``.
+    """
+    requested = name if name is not None else os.environ.get("COURSE_DEVICE", "")
+    if requested.strip():
+        device = _parse_device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"COURSE_DEVICE asks for {device} but torch sees no CUDA device; "
+                "unset COURSE_DEVICE to run on the CPU"
+            )
+        if device.type == "cuda" and device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise RuntimeError(
+                    f"COURSE_DEVICE asks for {device} but only {torch.cuda.device_count()} "
+                    "CUDA device(s) exist"
+                )
+        if device.type == "mps" and not _mps_available():
+            raise RuntimeError("COURSE_DEVICE asks for mps but torch sees no MPS device")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python's, NumPy's and torch's generators (CPU and all GPUs) with ``seed``.
+
+    Returns a fresh CPU ``torch.Generator`` seeded the same way, for code that wants its own
+    stream of random numbers.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count and return it.
+
+    ``n`` defaults to ``COURSE_THREADS`` when set, else to torch's own choice. Tiny models on a
+    shared 2-core machine run fastest with one thread (less contention); benchmarks state theirs.
+    """
+    if n is None:
+        env = os.environ.get("COURSE_THREADS", "").strip()
+        if not env:
+            return torch.get_num_threads()
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"COURSE_THREADS={env!r} must be a positive integer")
+        n = int(env)
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def is_smoke() -> bool:
+    """True when ``COURSE_SMOKE`` asks for the small CI scale."""
+    value = os.environ.get("COURSE_SMOKE", "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"COURSE_SMOKE={value!r} must be 1 or 0")
+
+
+def scaled(default: T, smoke: T) -> T:
+    """``default`` normally, ``smoke`` under ``COURSE_SMOKE=1``: the notebook-sized knob.
+
+    Use it in a parameters cell: ``steps = scaled(300, smoke=30)``. Smoke runs every cell at a
+    smaller size; they never skip a cell.
+    """
+    return smoke if is_smoke() else default
+
+
+def describe() -> dict[str, str]:
+    """What this environment is, as a dict of short strings (the notebooks' environment check)."""
+    device = get_device()
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "threads": str(torch.get_num_threads()),
+        "colab": str(in_colab()),
+        "smoke scale": str(is_smoke()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name} (compute capability {props.major}.{props.minor})"
+        info["bf16 native"] = str(supports_bf16(device))
+    return info
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matmuls are native: CUDA compute capability 8.0+ (not a T4), or CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu"

@@ -1,0 +1,100 @@
+"""The notebook checks themselves must catch a bad notebook: show it on deliberately bad ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbtool import SETUP_CELL, header, script_to_notebook
+from notebook_checks import NotebookFailed, execute_notebook, hygiene_problems
+
+GOOD_BODY = """
+# %% tags=["parameters"]
+steps = 3
+
+# %%
+total = sum(range(steps))
+print(total)
+"""
+
+
+def _write(tmp_path: Path, name: str, script: str) -> Path:
+    path = tmp_path / name
+    nbformat.write(script_to_notebook(script), path)
+    return path
+
+
+def _executed(tmp_path: Path, name: str, script: str) -> Path:
+    path = _write(tmp_path, name, script)
+    execute_notebook(path, path, timeout_s=120)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("good")
+    return _executed(tmp, "99_good_example.ipynb", header("99_good_example", "Good") + GOOD_BODY)
+
+
+def test_a_good_notebook_passes(good: Path):
+    assert hygiene_problems(good) == []
+
+
+def test_missing_parameters_cell_is_caught(tmp_path: Path):
+    body = GOOD_BODY.replace(' tags=["parameters"]', "")
+    path = _write(tmp_path, "99_no_params.ipynb", header("99_no_params", "No params") + body)
+    assert any("parameters" in p for p in hygiene_problems(path, require_outputs=False))
+
+
+def test_wrong_badge_is_caught(tmp_path: Path):
+    # the badge of another notebook, copied over without fixing the path
+    path = _write(tmp_path, "99_copied.ipynb", header("99_original", "Copied") + GOOD_BODY)
+    assert any("Colab badge" in p for p in hygiene_problems(path, require_outputs=False))
+
+
+def test_bad_name_and_missing_setup_are_caught(tmp_path: Path):
+    script = header("Bad-Name", "Bad").replace(SETUP_CELL, "x = 1") + GOOD_BODY
+    path = _write(tmp_path, "Bad-Name.ipynb", script)
+    problems = hygiene_problems(path, require_outputs=False)
+    assert any("NN_snake_case" in p for p in problems)
+    assert any("set-up cell" in p for p in problems)
+
+
+def test_import_from_another_notebook_is_caught(tmp_path: Path):
+    body = GOOD_BODY + "\n# %%\nfrom notebooks import helper\n"
+    path = _write(tmp_path, "99_imports.ipynb", header("99_imports", "Imports") + body)
+    assert any("another notebook" in p for p in hygiene_problems(path, require_outputs=False))
+
+
+def test_unexecuted_and_error_outputs_are_caught(good: Path, tmp_path: Path):
+    nb = nbformat.read(good, as_version=4)
+    last = nb.cells[-1]
+    last.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="boom",
+                                           traceback=[])]
+    nb.cells[-2].execution_count = 7  # run out of order
+    bad = tmp_path / good.name
+    nbformat.write(nb, bad)
+    problems = hygiene_problems(bad)
+    assert any("error output" in p and "boom" in p for p in problems)
+    assert any("not executed once, in order" in p for p in problems)
+
+
+def test_a_failing_cell_fails_execution_and_names_notebook_and_cell(tmp_path: Path):
+    body = GOOD_BODY + '\n# %%\nraise ValueError("deliberate failure")\n'
+    path = _write(tmp_path, "99_fails.ipynb", header("99_fails", "Fails") + body)
+    with pytest.raises(NotebookFailed) as info:
+        execute_notebook(path, tmp_path / "out.ipynb", timeout_s=120)
+    message = str(info.value)
+    assert "99_fails.ipynb" in message
+    assert "code cell 4" in message
+    assert "deliberate failure" in message
+
+
+def test_script_round_trip(good: Path):
+    from nbtool import notebook_to_script
+
+    nb = nbformat.read(good, as_version=4)
+    again = script_to_notebook(notebook_to_script(nb))
+    assert [c.source for c in again.cells] == [c.source for c in nb.cells]
+    assert again.cells[2].metadata["tags"] == ["parameters"]

@@ -1,0 +1,113 @@
+"""Convert notebooks to and from a plain "percent" script, for authoring and review.
+
+The committed ``.ipynb`` is the source of truth. To edit one as text::
+
+    python tools/nbtool.py to-py notebooks/01_journey_of_a_token.ipynb scratch/01.py
+    ... edit scratch/01.py ...
+    python tools/nbtool.py to-nb scratch/01.py notebooks/01_journey_of_a_token.ipynb
+    make execute NB=notebooks/01_journey_of_a_token.ipynb
+
+Script format: a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose
+lines are written as ``# text``; ``# %% tags=["parameters"]`` tags a code cell.
+``python tools/nbtool.py header NN_name "Title"`` prints the title, badge and set-up cells that
+every notebook starts with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from course_utils.runtime import REPO, colab_badge_url  # noqa: E402
+
+_MARKER = re.compile(r"^# %%(?P<md> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
+
+SETUP_CELL = f'''# Set-up: on Colab, fetch the course and install course_utils (Colab's torch stays as is).
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run(["git", "clone", "-q", "--depth", "1",
+                    "https://github.com/{REPO}", "/content/course"], check=False)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/course"],
+                   check=True)
+    sys.path.insert(0, "/content/course")'''
+
+
+def header(name: str, title: str) -> str:
+    """The first cells of notebook ``name`` (e.g. ``01_journey_of_a_token``) as a script."""
+    url = colab_badge_url(f"notebooks/{name}.ipynb")
+    badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+    return f"# %% [markdown]\n# # {title}\n#\n# {badge}\n\n# %%\n{SETUP_CELL}\n"
+
+
+def script_to_notebook(text: str) -> nbformat.NotebookNode:
+    cells, kind, tags, lines = [], None, [], []
+
+    def flush() -> None:
+        if kind is None:
+            return
+        body = "\n".join(lines).strip("\n")
+        if kind == "markdown":
+            body = "\n".join(ln[2:] if ln.startswith("# ") else ln.lstrip("#")
+                             for ln in body.split("\n"))
+            cells.append(nbformat.v4.new_markdown_cell(body))
+        else:
+            cell = nbformat.v4.new_code_cell(body)
+            if tags:
+                cell.metadata["tags"] = tags
+            cells.append(cell)
+
+    for line in text.split("\n"):
+        m = _MARKER.match(line)
+        if m:
+            flush()
+            kind = "markdown" if m.group("md") else "code"
+            tags = json.loads(m.group("tags")) if m.group("tags") else []
+            lines = []
+        else:
+            lines.append(line)
+    flush()
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:03d}"  # stable ids keep diffs small
+    return nb
+
+
+def notebook_to_script(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            body = "\n".join(("# " + ln) if ln else "#" for ln in cell.source.split("\n"))
+            parts.append("# %% [markdown]\n" + body)
+        elif cell.cell_type == "code":
+            tags = cell.metadata.get("tags", [])
+            marker = "# %%" + (f" tags={json.dumps(tags)}" if tags else "")
+            parts.append(marker + "\n" + cell.source)
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) == 3 and argv[0] == "to-nb":
+        nb = script_to_notebook(Path(argv[1]).read_text(encoding="utf-8"))
+        nbformat.write(nb, argv[2])
+    elif len(argv) == 3 and argv[0] == "to-py":
+        nb = nbformat.read(argv[1], as_version=4)
+        Path(argv[2]).write_text(notebook_to_script(nb), encoding="utf-8")
+    elif len(argv) == 3 and argv[0] == "header":
+        print(header(argv[1], argv[2]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
