@@ -1,88 +1,22 @@
-"""Checkers for the notebooks' exercises: each says right or wrong, and why.
-
-A checker never raises: it returns a :class:`Feedback` that prints as a one-line verdict, is
-truthy when the answer is right, and explains what went wrong otherwise. An exercise left as
-``None`` (or raising ``NotImplementedError``) is reported as not attempted yet, so a notebook
-with open exercises still runs top to bottom.
-
-Checkers are grouped by notebook; each compares the learner's answer with the canonical code
-in ``course_utils`` on inputs the learner has not seen.
-"""
+"""Exercise checkers for notebooks 00 (course overview) and 01 (journey of a token)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .sampling import apply_temperature, softmax, top_k_filter, top_p_filter
+from ..sampling import apply_temperature, softmax, top_k_filter, top_p_filter
+from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
 
 __all__ = [
-    "Feedback",
     "check_next_token_distribution",
     "check_mla_cache_ratio",
     "check_softmax_with_temperature",
     "check_top_k_filter",
     "check_top_p_filter",
 ]
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """A checker's verdict: ``correct`` and a message that says why."""
-
-    correct: bool
-    message: str
-    attempted: bool = True
-
-    def __bool__(self) -> bool:
-        return self.correct
-
-    def __str__(self) -> str:
-        if not self.attempted:
-            return f"… not attempted yet: {self.message}"
-        return ("✅ Right: " if self.correct else "❌ Not yet: ") + self.message
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _not_attempted(hint: str) -> Feedback:
-    return Feedback(False, hint, attempted=False)
-
-
-def _call(fn: Callable[..., Any] | None, hint: str, *args: Any) -> tuple[Any, Feedback | None]:
-    """Run the learner's function; turn "not written yet" and crashes into feedback."""
-    if fn is None:
-        return None, _not_attempted(hint)
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, _not_attempted(hint)
-    except Exception as err:  # the learner's code crashed: say how, don't crash the notebook
-        return None, Feedback(False, f"your function raised {type(err).__name__}: {err}")
-
-
-def _compare(got: Any, want: torch.Tensor, what: str, atol: float = 1e-5) -> Feedback | None:
-    if not isinstance(got, torch.Tensor):
-        return Feedback(False, f"{what} should return a torch.Tensor, got {type(got).__name__}")
-    if got.shape != want.shape:
-        return Feedback(False, f"{what} returned shape {tuple(got.shape)}, expected "
-                               f"{tuple(want.shape)}")
-    got = got.detach().float().cpu()
-    same_inf = torch.equal(torch.isinf(got), torch.isinf(want))
-    finite = ~torch.isinf(want)
-    if not same_inf:
-        return Feedback(False, f"{what} removes a different set of tokens than it should "
-                               "(compare which entries are -inf)")
-    if not torch.allclose(got[finite], want[finite], atol=atol):
-        err = (got[finite] - want[finite]).abs().max().item()
-        return Feedback(False, f"{what} is off by up to {err:.3g} from the right values")
-    return None
-
 
 # -- 00 course overview -------------------------------------------------------------------
 
@@ -91,14 +25,14 @@ def check_next_token_distribution(fn: Callable[[torch.Tensor], torch.Tensor] | N
     """Exercise 00.1: ``fn(counts)`` turns a (vocab,) tensor of counts into probabilities."""
     hint = "write next_token_distribution(counts) that returns counts / counts.sum()"
     counts = torch.tensor([3.0, 0.0, 1.0, 6.0, 0.0, 10.0])
-    got, fb = _call(fn, hint, counts.clone())
+    got, fb = call_learner(fn, hint, counts.clone())
     if fb is not None:
         return fb
     want = counts / counts.sum()
     if isinstance(got, torch.Tensor) and torch.allclose(got.float(), softmax(counts)):
         return Feedback(False, "that is a softmax of the counts; counts are already "
                                "non-negative, so divide by their total instead")
-    bad = _compare(got, want, "next_token_distribution")
+    bad = compare_tensors(got, want, "next_token_distribution")
     if bad is not None:
         return bad
     return Feedback(True, "each count divided by the total: the probabilities sum to 1 and "
@@ -109,7 +43,7 @@ def check_mla_cache_ratio(answer: float | None) -> Feedback:
     """Exercise 00.2: how many times fewer cache elements per token per layer MLA stores in
     DeepSeek-V3 than full multi-head attention with V3's 128 heads of dimension 128."""
     if answer is None:
-        return _not_attempted("compute (2 * 128 * 128) / (512 + 64)")
+        return not_attempted("compute (2 * 128 * 128) / (512 + 64)")
     want = (2 * 128 * 128) / (512 + 64)
     if math.isclose(float(answer), want, rel_tol=1e-3):
         return Feedback(True, f"MHA caches K and V: 2 x 128 heads x 128 = 32768 numbers; MLA "
@@ -136,7 +70,7 @@ def check_softmax_with_temperature(
     """Exercise 01.1: ``fn(logits, temperature)`` returns probabilities over the last dim."""
     hint = "write softmax_with_temperature(logits, temperature) = softmax(logits / T)"
     for t in (0.5, 1.0, 2.0):
-        got, fb = _call(fn, hint, _LOGITS.clone(), t)
+        got, fb = call_learner(fn, hint, _LOGITS.clone(), t)
         if fb is not None:
             return fb
         want = softmax(apply_temperature(_LOGITS, t))
@@ -144,7 +78,7 @@ def check_softmax_with_temperature(
             if torch.allclose(got.float(), softmax(_LOGITS * t), atol=1e-5):
                 return Feedback(False, "you multiplied by the temperature; divide by it, so "
                                        "T < 1 sharpens and T > 1 flattens")
-        bad = _compare(got, want, f"softmax_with_temperature(logits, {t})")
+        bad = compare_tensors(got, want, f"softmax_with_temperature(logits, {t})")
         if bad is not None:
             return bad
     return Feedback(True, "softmax(logits / T): low T sharpens toward greedy, high T flattens "
@@ -155,10 +89,10 @@ def check_top_k_filter(fn: Callable[[torch.Tensor, int], torch.Tensor] | None) -
     """Exercise 01.2: ``fn(logits, k)`` keeps the k largest logits per row, others -inf."""
     hint = "write top_k(logits, k) that sets all but the k largest logits of each row to -inf"
     for k in (1, 3, 8):
-        got, fb = _call(fn, hint, _LOGITS.clone(), k)
+        got, fb = call_learner(fn, hint, _LOGITS.clone(), k)
         if fb is not None:
             return fb
-        bad = _compare(got, top_k_filter(_LOGITS, k), f"top_k(logits, {k})")
+        bad = compare_tensors(got, top_k_filter(_LOGITS, k), f"top_k(logits, {k})")
         if bad is not None:
             return bad
     return Feedback(True, "the k largest logits stay, the rest become -inf and get probability "
@@ -169,7 +103,7 @@ def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor] | None)
     """Exercise 01.3: ``fn(logits, p)`` keeps the smallest likely set with mass >= p."""
     hint = "write top_p(logits, p): sort, cumulative softmax, keep tokens until the mass reaches p"
     for p in (0.5, 0.9, 1.0):
-        got, fb = _call(fn, hint, _LOGITS.clone(), p)
+        got, fb = call_learner(fn, hint, _LOGITS.clone(), p)
         if fb is not None:
             return fb
         want = top_p_filter(_LOGITS, p)
@@ -179,7 +113,7 @@ def check_top_p_filter(fn: Callable[[torch.Tensor, float], torch.Tensor] | None)
             if kept_got < kept_want:
                 return Feedback(False, f"with p={p} you keep {kept_got} tokens, the nucleus "
                                        f"has {kept_want}: keep the token that crosses p too")
-        bad = _compare(got, want, f"top_p(logits, {p})")
+        bad = compare_tensors(got, want, f"top_p(logits, {p})")
         if bad is not None:
             return bad
     return Feedback(True, "the nucleus is the fewest most-likely tokens whose probability "

@@ -1,0 +1,11 @@
+"""Checkers for the notebooks' exercises: each says right or wrong, and why.
+
+A checker never raises: it returns a :class:`Feedback` that prints as a one-line verdict, is
+truthy when the answer is right, and explains what went wrong otherwise. One module per track;
+every checker is importable from here.
+"""
+
+from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
+from .basics import *  # noqa: F403  notebooks 00-01
+
+__all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]
