@@ -27,7 +27,7 @@ from course_utils.runtime import REPO, colab_badge_url  # noqa: E402
 
 _MARKER = re.compile(r"^# %%(?P<md> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
 
-SETUP_CELL = f'''# Set-up: on Colab, fetch the course and install course_utils (keeps Colab's torch).
+SETUP_CELL = f'''# Set-up: on Colab, clone the course and install course_utils (torch untouched).
 import sys
 
 if "google.colab" in sys.modules:
