@@ -4,7 +4,22 @@ Each module owns one idea; notebooks build a piece step by step, assert that it 
 version here, and later notebooks import this one.
 """
 
-from . import data, exercises, ngram, runtime, sampling, tokenizer
+from . import (
+    attention,
+    cache,
+    data,
+    decoder,
+    exercises,
+    generation,
+    layers,
+    ngram,
+    runtime,
+    sampling,
+    tokenizer,
+    train,
+)
+from .attention import MultiHeadAttention, scaled_dot_product_attention
+from .cache import KVCache
 from .data import (
     ArithmeticProblem,
     check_completion,
@@ -13,6 +28,9 @@ from .data import (
     parse_final_answer,
     sample_arithmetic_problems,
 )
+from .decoder import DecoderConfig, TinyDecoder
+from .generation import generate
+from .layers import RMSNorm, SwiGLU
 from .ngram import CountLanguageModel
 from .runtime import get_device, seed_everything
 from .sampling import sample_next_token, top_k_filter, top_p_filter
@@ -22,6 +40,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArithmeticProblem",
+    "DecoderConfig",
+    "KVCache",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "SwiGLU",
+    "TinyDecoder",
+    "attention",
+    "cache",
+    "decoder",
+    "generate",
+    "generation",
+    "layers",
+    "scaled_dot_product_attention",
+    "train",
     "ByteBPETokenizer",
     "CharTokenizer",
     "CountLanguageModel",

@@ -1,0 +1,123 @@
+"""A small causal decoder: the attention track's language model.
+
+Token embedding + learned position embedding, ``num_hidden_layers`` pre-norm blocks
+(RMSNorm -> :class:`~course_utils.attention.MultiHeadAttention` -> residual, RMSNorm -> SwiGLU ->
+residual), a final RMSNorm and a linear head. ``num_key_value_heads`` turns the same model into
+MHA, GQA or MQA, which is how notebooks 07-09 compare them. It follows the cache protocol, so
+:func:`course_utils.generation.generate` decodes it with or without a KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .attention import MultiHeadAttention
+from .cache import KVCache
+from .generation import generate
+from .layers import RMSNorm, SwiGLU
+
+__all__ = ["DecoderConfig", "DecoderBlock", "TinyDecoder"]
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes of a :class:`TinyDecoder` (names as in Hugging Face configs)."""
+
+    vocab_size: int
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # None: as many as attention heads (MHA)
+    intermediate_size: int | None = None  # None: about 8/3 x hidden, rounded to a multiple of 8
+    max_position_embeddings: int = 256
+    dropout: float = 0.0
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 8 * ((8 * self.hidden_size // 3 + 7) // 8)
+        if self.max_position_embeddings < 1:
+            raise ValueError("max_position_embeddings must be >= 1")
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). (b, t, d) -> same."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadAttention(
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            dropout=config.dropout)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache=cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class TinyDecoder(nn.Module):
+    """A GPT-style causal language model. input_ids (b, t) -> logits (b, t, vocab_size)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_caches(self, batch_size: int, capacity: int) -> list[KVCache]:
+        """One empty KV cache per layer, ``capacity`` tokens each."""
+        if capacity > self.config.max_position_embeddings:
+            raise ValueError(
+                f"capacity={capacity} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; generate fewer tokens or build the "
+                "model with a larger max_position_embeddings"
+            )
+        return [layer.self_attn.new_cache(batch_size, capacity) for layer in self.layers]
+
+    def forward(self, input_ids: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"caches must hold one cache per layer ({len(self.layers)}), "
+                             f"got {len(caches)}")
+        start = caches[0].length if caches else 0
+        t = input_ids.shape[1]
+        if start + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + t} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(start, start + t, device=input_ids.device)
+        x = self.embed_tokens(input_ids) + self.embed_positions(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache=caches[i] if caches is not None else None)
+        return self.lm_head(self.norm(x))
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
+        """See :func:`course_utils.generation.generate` for the arguments."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
