@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BaseCache", "KVCache"]
+__all__ = ["BaseCache", "KVCache", "kv_cache_bytes"]
 
 
 class BaseCache:
@@ -109,3 +109,22 @@ class KVCache(BaseCache):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def kv_cache_bytes(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    seq_len: int = 1,
+    batch_size: int = 1,
+    bytes_per_element: int = 2,
+) -> int:
+    """Bytes of a K/V cache: 2 (K and V) x layers x KV heads x head_dim x tokens x batch x
+    element size. ``bytes_per_element`` is 2 for fp16/bf16 (the usual serving dtype), 4 for
+    fp32. With the defaults it is the bytes per token of the whole model."""
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), ("seq_len", seq_len),
+                        ("batch_size", batch_size), ("bytes_per_element", bytes_per_element)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_element

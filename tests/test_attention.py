@@ -245,3 +245,17 @@ def test_generation_stops_at_eos_and_checks_capacity():
     assert torch.all(first == eos)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, prompt, 20)
+
+
+def test_kv_cache_bytes_formula_matches_a_real_cache():
+    from course_utils.cache import kv_cache_bytes
+
+    model = TinyDecoder(DecoderConfig(vocab_size=10, hidden_size=32, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    caches = model.new_caches(batch_size=2, capacity=7)
+    measured = sum(c.nbytes for c in caches)
+    assert measured == kv_cache_bytes(3, 2, 8, seq_len=7, batch_size=2, bytes_per_element=4)
+    # Llama-2-7B-like: 32 layers x 32 heads x 128, fp16 -> 0.5 MiB per token
+    assert kv_cache_bytes(32, 32, 128) == 512 * 1024
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        kv_cache_bytes(32, 0, 128)
