@@ -136,6 +136,32 @@ def strip_volatile_metadata(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+TIMINGS = ROOT / "notebooks" / "timings.json"
+
+
+def record_timing(name: str, seconds: float) -> None:
+    """Store a default-scale execution time in notebooks/timings.json (README's table reads it).
+    Smoke-scale runs are not recorded."""
+    import json
+    import os
+    import platform
+
+    import torch
+
+    if os.environ.get("COURSE_SMOKE", "").strip() in ("1", "true", "yes"):
+        return
+    data = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+    device = os.environ.get("COURSE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = "cuda" if device.startswith("cuda") else "cpu"
+    entry = data.setdefault(key, {})
+    entry[name] = round(seconds, 1)
+    data.setdefault("machines", {})[key] = (
+        f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if key == "cuda" else "")
+    )
+    TIMINGS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] != "execute":
         sys.exit(__doc__)
@@ -143,6 +169,7 @@ def main(argv: list[str]) -> None:
     for path in paths:
         seconds = execute_notebook(path, path, timeout_s=1800)
         strip_volatile_metadata(path)
+        record_timing(path.stem, seconds)
         problems = hygiene_problems(path)
         print(f"{path.name}: executed in {seconds:.1f} s" + ("" if not problems else
               "\n  " + "\n  ".join(problems)), flush=True)
