@@ -23,8 +23,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
+# Jupyter refuses to start as root (containers, cloud boxes) unless told it may.
+ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	$(BIN)/jupyter lab notebooks $(ARGS)
+	$(BIN)/jupyter lab notebooks $(ROOT_FLAG) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
