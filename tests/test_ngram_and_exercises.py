@@ -64,3 +64,6 @@ def test_number_checker():
     assert "only K" in ex.check_mla_cache_ratio(16384 / 576).message
     assert "k_pe" in ex.check_mla_cache_ratio(32768 / 512).message
     assert str(ex.check_mla_cache_ratio(None)).startswith("… not attempted")
+    assert "56.9" not in ex.check_mla_cache_ratio(None).message  # the hint is not the answer
+    assert "number" in ex.check_mla_cache_ratio("56.9x").message  # never raises
+    assert "finite" in ex.check_mla_cache_ratio(float("nan")).message

@@ -27,6 +27,13 @@ def test_first_merge_is_the_most_frequent_pair():
     assert tok.encode("ab") == [256]
 
 
+def test_ties_go_to_the_smaller_pair():
+    # ("c","d") and ("a","b") both occur twice; the documented tie-break picks the smaller pair,
+    # the rule notebook 01's from-scratch BPE follows too
+    tok = ByteBPETokenizer.train("cdcd abab", vocab_size=258, special_tokens=())
+    assert tok.merges == [(ord("a"), ord("b")), (ord("c"), ord("d"))]
+
+
 def test_training_is_deterministic():
     text = make_story_corpus(100, seed=3)
     assert ByteBPETokenizer.train(text, 300).merges == ByteBPETokenizer.train(text, 300).merges

@@ -43,7 +43,14 @@ def check_mla_cache_ratio(answer: float | None) -> Feedback:
     """Exercise 00.2: how many times fewer cache elements per token per layer MLA stores in
     DeepSeek-V3 than full multi-head attention with V3's 128 heads of dimension 128."""
     if answer is None:
-        return not_attempted("compute (2 * 128 * 128) / (512 + 64)")
+        return not_attempted("count the numbers each method caches for one token in one "
+                             "layer, then divide")
+    try:
+        answer = float(answer)
+    except (TypeError, ValueError):
+        return Feedback(False, f"the answer should be a number, got {type(answer).__name__}")
+    if not math.isfinite(answer):
+        return Feedback(False, f"the answer should be a finite number, got {answer}")
     want = (2 * 128 * 128) / (512 + 64)
     if math.isclose(float(answer), want, rel_tol=1e-3):
         return Feedback(True, f"MHA caches K and V: 2 x 128 heads x 128 = 32768 numbers; MLA "
