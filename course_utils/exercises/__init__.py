@@ -6,6 +6,7 @@ every checker is importable from here.
 """
 
 from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
+from .attention import *  # noqa: F403  notebooks 02-06
 from .basics import *  # noqa: F403  notebooks 00-01
 
 __all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]
