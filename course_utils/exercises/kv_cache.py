@@ -14,8 +14,8 @@ from ..cache import kv_cache_bytes
 from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
 
 __all__ = [
-    "check_previous_token_attention",
-    "check_first_token_attention",
+    "check_offset_attention",
+    "check_attention_entropy",
     "check_kv_cache_bytes",
     "check_cached_decode_step",
     "check_mqa_attention",
@@ -37,56 +37,68 @@ def _causal_weights(h: int = 3, t: int = 6, seed: int = 0) -> Tensor:
 # -- 05 multi-head attention, visually ------------------------------------------------------
 
 
-def previous_token_attention(weights: Tensor) -> Tensor:
-    """Per head, the mean weight query i gives key i - 1 (queries 1..t-1). (h, t, t) -> (h,)."""
-    return weights.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
+def offset_attention(weights: Tensor, k: int) -> Tensor:
+    """Per head, the mean weight query i gives key i - k, over queries k..t-1. (h, t, t) -> (h,)."""
+    return weights.diagonal(offset=-k, dim1=-2, dim2=-1).mean(-1)
 
 
-def first_token_attention(weights: Tensor) -> Tensor:
-    """Per head, the mean weight queries 1..t-1 give key 0. (h, t, t) -> (h,)."""
-    return weights[..., 1:, 0].mean(-1)
+def attention_entropy(weights: Tensor) -> Tensor:
+    """Per head, the mean entropy (nats) of the rows of queries 1..t-1. (h, t, t) -> (h,)."""
+    rows = weights[..., 1:, :]
+    return -torch.special.xlogy(rows, rows).sum(-1).mean(-1)
 
 
-def check_previous_token_attention(fn: Callable[[Tensor], Tensor] | None) -> Feedback:
-    """Exercise 05.1: ``fn(weights)`` with weights (heads, t, t) returns, per head, the mean
-    attention a query gives the token just before it."""
-    hint = ("write previous_token_score(weights) that averages weights[h, i, i - 1] over "
-            "i = 1 .. t-1 for each head h")
-    w = _causal_weights()
-    got, fb = call_learner(fn, hint, w.clone())
-    if fb is not None:
-        return fb
-    if isinstance(got, Tensor) and got.shape == (w.shape[0],):
-        if torch.allclose(got.float(), w.diagonal(dim1=-2, dim2=-1).mean(-1), atol=1e-5):
-            return Feedback(False, "that is the attention each token gives itself (the main "
-                                   "diagonal); the previous token is one below it, offset -1")
-        if torch.allclose(got.float(), w.diagonal(offset=1, dim1=-2, dim2=-1).mean(-1)):
-            return Feedback(False, "offset +1 is the NEXT token, which the causal mask hides "
-                                   "(always 0); the previous token is offset -1")
-    bad = compare_tensors(got, previous_token_attention(w), "previous_token_score(weights)")
-    if bad is not None:
-        return bad
-    return Feedback(True, "the sub-diagonal of each head's map, averaged: a head near 1 is a "
-                          "'previous-token head'")
+def check_offset_attention(fn: Callable[[Tensor, int], Tensor] | None) -> Feedback:
+    """Exercise 05.1: ``fn(weights, k)`` with weights (heads, t, t) returns, per head, the mean
+    attention a query gives the token k places before it (k = 1: the previous token)."""
+    hint = ("write offset_score(weights, k) that averages weights[h, i, i - k] over "
+            "i = k .. t-1 for each head h")
+    w = _causal_weights(t=7)
+    for k in (1, 2, 3):
+        got, fb = call_learner(fn, hint, w.clone(), k)
+        if fb is not None:
+            return fb
+        if isinstance(got, Tensor) and got.shape == (w.shape[0],):
+            if torch.allclose(got.float(), w.diagonal(offset=k, dim1=-2, dim2=-1).mean(-1)):
+                return Feedback(False, f"offset +{k} is {k} tokens in the FUTURE, which the "
+                                       f"causal mask hides (always 0); use offset -{k}")
+            sub = w.diagonal(offset=-k, dim1=-2, dim2=-1)
+            if torch.allclose(got.float(), sub.sum(-1) / w.shape[-1], atol=1e-6):
+                return Feedback(False, f"you divided by all t queries; the first {k} have no "
+                                       f"token {k} back, so average over the t - {k} that do")
+        bad = compare_tensors(got, offset_attention(w, k), f"offset_score(weights, {k})")
+        if bad is not None:
+            return bad
+    return Feedback(True, "the k-th diagonal below the main one, averaged: k = 1 finds "
+                          "'previous-token heads'")
 
 
-def check_first_token_attention(fn: Callable[[Tensor], Tensor] | None) -> Feedback:
-    """Exercise 05.2: ``fn(weights)`` returns, per head, the mean attention queries 1..t-1 give
-    the first token (query 0 has no choice, so it is left out)."""
-    hint = "write first_token_score(weights) that averages weights[h, i, 0] over i = 1 .. t-1"
+def check_attention_entropy(fn: Callable[[Tensor], Tensor] | None) -> Feedback:
+    """Exercise 05.2: ``fn(weights)`` returns each head's mean entropy in nats over the rows of
+    queries 1..t-1 (query 0 has one choice, entropy 0), with 0 * log 0 taken as 0."""
+    hint = ("write attention_entropy(weights): -(w * log w).sum(-1) per row, 0 log 0 = 0, "
+            "averaged over queries 1 .. t-1")
     w = _causal_weights(seed=1)
     got, fb = call_learner(fn, hint, w.clone())
     if fb is not None:
         return fb
-    if isinstance(got, Tensor) and got.shape == (w.shape[0],):
-        if torch.allclose(got.float(), w[..., 0].mean(-1), atol=1e-5):
-            return Feedback(False, "you included query 0, which can only see itself and always "
-                                   "gives token 0 weight 1; average over queries 1 .. t-1")
-    bad = compare_tensors(got, first_token_attention(w), "first_token_score(weights)")
+    want = attention_entropy(w)
+    if isinstance(got, Tensor) and got.shape == want.shape:
+        got = got.detach().float().cpu()
+        if torch.isnan(got).any():
+            return Feedback(False, "you got nan: the masked weights are 0 and 0 * log 0 is nan "
+                                   "in floating point; treat it as 0 (torch.special.xlogy)")
+        all_rows = -torch.special.xlogy(w, w).sum(-1).mean(-1)
+        if torch.allclose(got, all_rows, atol=1e-5):
+            return Feedback(False, "you included query 0, whose entropy is always 0; average "
+                                   "over queries 1 .. t-1")
+        if torch.allclose(got, want / torch.log(torch.tensor(2.0)), atol=1e-5):
+            return Feedback(False, "that is in bits (log2); use the natural log (nats)")
+    bad = compare_tensors(got, want, "attention_entropy(weights)")
     if bad is not None:
         return bad
-    return Feedback(True, "column 0 of each map below the first row, averaged: heads near 1 "
-                          "park their attention on the first token")
+    return Feedback(True, "low entropy = a focused head (one token gets most weight); high = a "
+                          "head that averages over many tokens")
 
 
 # -- 07 KV cache -----------------------------------------------------------------------------
