@@ -8,5 +8,6 @@ every checker is importable from here.
 from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
 from .attention import *  # noqa: F403  notebooks 02-06
 from .basics import *  # noqa: F403  notebooks 00-01
+from .kv_cache import *  # noqa: F403  notebooks 05, 07-09
 
 __all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]
