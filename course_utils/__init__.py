@@ -13,6 +13,7 @@ from .data import (
     parse_final_answer,
     sample_arithmetic_problems,
 )
+from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention  # noqa: F401  notebooks 10-15
 from .ngram import CountLanguageModel
 from .runtime import get_device, seed_everything
 from .sampling import sample_next_token, top_k_filter, top_p_filter
