@@ -40,6 +40,7 @@ __all__ = [
     "MLAConfig",
     "MultiHeadLatentAttention",
     "cache_size_table",
+    "rope_rows_to_half_split",
     "kv_cache_bytes_per_token",
     "latent_cache_bytes_per_token",
 ]
@@ -255,6 +256,32 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             out = probs @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def rope_rows_to_half_split(state_dict: Mapping[str, Tensor], config: MLAConfig
+                            ) -> dict[str, Tensor]:
+    """Convert MLA weights whose rotary dims are interleaved (DeepSeek checkpoints) to the
+    half-split layout, by permuting the rows that produce rotary dims.
+
+    Rows of ``q_proj``/``q_b_proj`` (the last ``qk_rope_head_dim`` of each head) and of
+    ``kv_a_proj_with_mqa`` (its last ``qk_rope_head_dim``) are reordered evens-then-odds, so a
+    module with ``rope_interleave=False`` computes the same outputs. Other tensors are copied.
+    """
+    h, dn, dr = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    out = {k: v.clone() for k, v in state_dict.items()}
+    if dr == 0:
+        return out
+    perm = torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)])
+    for name in ("q_proj.weight", "q_b_proj.weight"):
+        if name in out:
+            w = out[name].view(h, dn + dr, -1)
+            w[:, dn:] = w[:, dn:][:, perm]
+    w = out["kv_a_proj_with_mqa.weight"]
+    w[config.kv_lora_rank:] = w[config.kv_lora_rank:][perm]
+    if "kv_a_proj_with_mqa.bias" in out:
+        b = out["kv_a_proj_with_mqa.bias"]
+        b[config.kv_lora_rank:] = b[config.kv_lora_rank:][perm]
+    return out
 
 
 # -- memory accounting ------------------------------------------------------------------------

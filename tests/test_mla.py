@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from course_utils.mla import (
     cache_size_table,
     kv_cache_bytes_per_token,
     latent_cache_bytes_per_token,
+    rope_rows_to_half_split,
 )
 
 TINY = dict(hidden_size=32, num_attention_heads=4, kv_lora_rank=8, qk_nope_head_dim=6,
@@ -107,6 +110,19 @@ def test_wrong_scale_or_unshared_layout_would_be_caught():
         assert _rel(ours(x), want) > 1e-3
 
 
+def test_interleaved_checkpoint_runs_half_split_only_after_permuting_rows():
+    ours, run_hf = _hf_pair("v3", 16, False, interleave=True)
+    x = torch.randn(1, 7, 32)
+    half_cfg = MLAConfig(**{**vars(ours.config), "rope_interleave": False})
+    half = MultiHeadLatentAttention(half_cfg).eval()
+    with torch.no_grad():
+        want = run_hf(x)
+        half.load_state_dict(ours.state_dict())  # rotate_half on interleaved weights: wrong
+        assert _rel(half(x), want) > 1e-3
+        half.load_state_dict(rope_rows_to_half_split(ours.state_dict(), half_cfg))
+        assert _rel(half(x), want) < 1e-5
+
+
 def _tiny(**over) -> MultiHeadLatentAttention:
     torch.manual_seed(0)
     m = MultiHeadLatentAttention(MLAConfig(**{**TINY, "q_lora_rank": 12, **over})).eval()
@@ -157,8 +173,10 @@ def test_cache_bytes_per_token(dtype, size):
 
 
 def test_real_config_table():
-    v3 = MLAConfig.from_hf(REAL_CONFIGS["DeepSeek-V3 (671B)"])
+    v3 = MLAConfig.from_hf({**REAL_CONFIGS["DeepSeek-V3 (671B)"], "n_routed_experts": 256})
     assert (v3.kv_lora_rank + v3.qk_rope_head_dim) == 576
+    assert v3.yarn is not None and v3.yarn.factor == 40
+    assert v3.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
     rows = {(r["model"], r["scheme"]): r for r in cache_size_table()}
     mla = rows[("DeepSeek-V3 (671B)", "MLA")]
     mha = rows[("DeepSeek-V3 (671B)", "MHA")]
