@@ -12,7 +12,9 @@ from . import (
     exercises,
     generation,
     layers,
+    mla,
     ngram,
+    positional,
     runtime,
     sampling,
     tokenizer,
@@ -31,6 +33,7 @@ from .data import (
 from .decoder import DecoderConfig, TinyDecoder
 from .generation import generate
 from .layers import RMSNorm, SwiGLU
+from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention  # noqa: F401  notebooks 10-15
 from .ngram import CountLanguageModel
 from .runtime import get_device, seed_everything
 from .sampling import sample_next_token, top_k_filter, top_p_filter
