@@ -5,6 +5,7 @@ version here, and later notebooks import this one.
 """
 
 from . import data, exercises, ngram, runtime, sampling, tokenizer
+from . import moe as moe  # notebooks 16-18
 from .data import (
     ArithmeticProblem,
     check_completion,
