@@ -7,5 +7,6 @@ every checker is importable from here.
 
 from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
 from .basics import *  # noqa: F403  notebooks 00-01
+from .moe import *  # noqa: F403  notebooks 16-18
 
 __all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]
