@@ -460,3 +460,19 @@ def test_greedy_accuracy_of_a_model_that_only_stops_is_zero():
     problems = sample_arithmetic_problems(6, seed=3, split="test")
     assert mt.greedy_accuracy(Stopper(), tok, problems) == 0.0
     assert mt.greedy_accuracy(Oracle(problems), tok, problems) == 1.0
+
+
+def test_transformers_v2_ignores_norm_topk_prob():
+    """A transformers quirk we rely on in the comparison: its V2 router never renormalises, so
+    with norm_topk_prob=True it still equals ours with renormalisation off."""
+    case = dict(V2_CASES[0], norm_topk_prob=True)
+    cfg, block = _hf_moe(2, 21, **case)
+    _check_equal(cfg, block, "softmax", 21)
+
+
+def test_layer_input_and_dispatch_errors():
+    with pytest.raises(ValueError, match="dispatch"):
+        DeepSeekMoE(MoEConfig(), dispatch="fast")
+    layer = DeepSeekMoE(MoEConfig(hidden_size=8, moe_intermediate_size=4))
+    with pytest.raises(ValueError, match="batch, seq"):
+        layer(torch.randn(5, 8))
