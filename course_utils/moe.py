@@ -103,9 +103,15 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> MoEConfig:
-        """Build from a dict of HF config keys, ignoring keys that are not MoE fields."""
+        """Build from a dict of HF config keys, ignoring keys that are not MoE fields.
+
+        transformers' ``DeepseekV2Config`` has ``topk_method`` but no ``scoring_func``: when the
+        dict names a V2 ``topk_method`` and no ``scoring_func``, softmax (V2) is implied.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in {**dict(d), **overrides}.items() if k in names}
+        if "scoring_func" not in kwargs and kwargs.get("topk_method") in _V2_METHODS:
+            kwargs["scoring_func"] = "softmax"
         return cls(**kwargs)
 
     @property

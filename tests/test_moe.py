@@ -76,7 +76,7 @@ V2_CASES = [
 
 
 def _ours_from_hf(cfg, block, scoring_func: str) -> DeepSeekMoE:
-    extra = {"scoring_func": scoring_func}
+    extra = {}  # V2: scoring_func="softmax" follows from transformers' topk_method
     if scoring_func == "sigmoid":
         extra["topk_method"] = "noaux_tc"
     else:
@@ -168,6 +168,9 @@ def test_config_from_dict_ignores_unrelated_keys():
                              "vocab_size": 99, "kv_lora_rank": 8, "n_group": None,
                              "topk_group": None})
     assert (c.hidden_size, c.n_group, c.topk_group) == (16, 1, 1)
+    v2 = MoEConfig.from_dict({"topk_method": "group_limited_greedy", "n_group": 2,
+                              "topk_group": 1})
+    assert v2.scoring_func == "softmax"
 
 
 def test_v2_norm_topk_prob_renormalises():
