@@ -20,6 +20,7 @@ from . import (
     tokenizer,
     train,
 )
+from . import moe as moe  # notebooks 16-18
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .cache import KVCache
 from .data import (
@@ -43,6 +44,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArithmeticProblem",
+    "mla",
+    "moe",
+    "positional",
     "DecoderConfig",
     "KVCache",
     "MultiHeadAttention",
