@@ -49,7 +49,7 @@ def _mscale(f, m):
 
 
 CASES = [
-    (ex.check_kv_cache_bytes, lambda h, d, s, n: 2 * h * d * s * n,
+    (ex.check_kv_bytes_per_token, lambda h, d, s, n: 2 * h * d * s * n,
      lambda h, d, s, n: h * d * s * n, "AND values"),
     (ex.check_latent_cache_bytes, lambda r, dr, s, n: (r + dr) * s * n,
      lambda r, dr, s, n: r * s * n, "rotary key"),

@@ -23,7 +23,7 @@ __all__ = [
     "check_absorbed_query",
     "check_apply_rope_half_split",
     "check_binary_encoding",
-    "check_kv_cache_bytes",
+    "check_kv_bytes_per_token",
     "check_latent_cache_bytes",
     "check_mla_softmax_scale",
     "check_positions_for_bits",
@@ -44,7 +44,7 @@ def _number(got: object, what: str) -> tuple[float | None, Feedback | None]:
 # -- 10 MLA from first principles ---------------------------------------------------------
 
 
-def check_kv_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -> Feedback:
+def check_kv_bytes_per_token(fn: Callable[[int, int, int, int], float] | None) -> Feedback:
     """Exercise 10.1: ``fn(n_kv_heads, head_dim, dtype_bytes, num_layers)`` -> bytes per token
     an MHA/GQA/MQA cache holds over all layers."""
     hint = "write kv_cache_bytes(n_kv_heads, head_dim, dtype_bytes, num_layers)"
