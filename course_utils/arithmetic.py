@@ -18,6 +18,7 @@ needs no padding, and the newline character is the end-of-answer token.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ __all__ = [
     "TokenCorpus",
     "EvalResult",
     "evaluate_accuracy",
+    "generate_completions",
     "pass_at_k",
 ]
 
@@ -296,6 +298,47 @@ def _device_of(model: object) -> torch.device:
 
 
 @torch.no_grad()
+def generate_completions(
+    model: CausalLM,
+    problems: Sequence[ArithmeticProblem],
+    greedy: bool = True,
+    temperature: float = 1.0,
+    samples: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 512,
+    generator: torch.Generator | None = None,
+    task: ArithmeticTask | None = None,
+) -> list[str]:
+    """Completions (text up to and including the end token) for each problem, ``samples`` per
+    problem in order (problem 0's samples first). Prompts go ``batch_size`` rows at a time
+    through the KV-cached :func:`~course_utils.generation.generate`, which stops once every row
+    has written the end token or after ``max_new_tokens`` (default
+    :attr:`ArithmeticTask.default_max_new_tokens`). ``greedy=True`` takes the argmax (then
+    ``samples`` must be 1); otherwise tokens are sampled at ``temperature`` with ``generator``,
+    which must live on the model's device."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if greedy and samples != 1:
+        raise ValueError(f"greedy decoding gives the same completion every time; use "
+                         f"samples=1 or greedy=False (got samples={samples})")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
+                         "use greedy=True for argmax decoding")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    task = task or ArithmeticTask.for_problems(problems)
+    max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    prompts = task.encode_prompts(problems, _device_of(model)).repeat_interleave(samples, dim=0)
+    completions: list[str] = []
+    for i in range(0, prompts.shape[0], batch_size):
+        chunk = prompts[i:i + batch_size]
+        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
+                       eos_token_id=task.eos_token_id, generator=generator)
+        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+    return completions
+
+
+@torch.no_grad()
 def evaluate_accuracy(
     model: CausalLM,
     problems: Sequence[ArithmeticProblem],
@@ -311,35 +354,12 @@ def evaluate_accuracy(
     """Generate completions for ``problems`` and score them with the rule-based verifier.
 
     ``greedy=True`` decodes with argmax (one completion per problem); ``greedy=False`` samples
-    ``samples`` completions per problem at ``temperature``. Prompts are batched ``batch_size``
-    rows at a time through the KV-cached :func:`~course_utils.generation.generate`, stopping
-    when every row has written the end token or after ``max_new_tokens`` (default
-    :attr:`ArithmeticTask.default_max_new_tokens`). ``generator`` must live on the model's
-    device.
+    ``samples`` completions per problem at ``temperature`` (see :func:`generate_completions`
+    for batching and stopping).
     """
-    if greedy and samples != 1:
-        raise ValueError(f"greedy decoding gives the same completion every time; use "
-                         f"samples=1 or greedy=False (got samples={samples})")
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
-                         "use greedy=True for argmax decoding")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    import time
-
     start = time.perf_counter()
-    task = task or ArithmeticTask.for_problems(problems)
-    max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-    device = _device_of(model)
-    prompts = task.encode_prompts(problems, device).repeat_interleave(samples, dim=0)
-    completions: list[str] = []
-    for i in range(0, prompts.shape[0], batch_size):
-        chunk = prompts[i:i + batch_size]
-        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
-                       eos_token_id=task.eos_token_id, generator=generator)
-        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+    completions = generate_completions(model, problems, greedy, temperature, samples,
+                                       max_new_tokens, batch_size, generator, task)
     expanded = [p for p in problems for _ in range(samples)]
     right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
     worked = [uses_worked_steps(c) for c in completions]
