@@ -177,26 +177,49 @@ class ArithmeticTask:
         block_size: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        layout: str = "windows",
+        prompt_loss: bool = True,
     ) -> Callable[[], tuple[Tensor, Tensor]]:
-        """A ``get_batch()`` for :func:`course_utils.train.train_language_model`.
+        """A ``get_batch()`` for :func:`course_utils.train.train_language_model`: each call
+        returns inputs and next-token targets, (batch_size, width) each, on ``device``, from
+        one gather into tensors built once here.
 
-        Each call returns inputs and next-token targets, each (batch_size, block_size), cut from
-        ``corpus`` at random **line starts**: row i is ``ids[s_i : s_i + block_size]`` where
-        ``s_i`` is the first token of a line. Why line-aligned windows: every row opens exactly
-        as an evaluation prompt does, at position 0 with no context, which matters for learned
-        absolute positions and keeps train and test alike; the window then runs on into the
-        following lines, so no token is padding and no target is masked (random windows would
-        put the prompts at every position; one padded line per row would waste about half the
-        tokens, as worked answers are three times longer than direct ones). One gather per
-        call, on ``device``. ``block_size`` defaults to :attr:`max_line_length`, enough for the
-        first line of every row to be whole.
+        ``layout="windows"`` (default): row i is ``ids[s_i : s_i + block_size]`` where ``s_i``
+        is a random **line start**. Every row opens exactly as an evaluation prompt does, at
+        position 0 with no context, then runs on into the following lines, so no token is
+        padding and no target is masked. ``block_size`` defaults to :attr:`max_line_length`,
+        enough for the first line of every row to be whole.
+
+        ``layout="lines"``: row i is one random line, padded with end tokens to
+        :attr:`max_line_length`; targets past its end token are -100 (ignored). Every answer
+        is then learned at the positions it has at evaluation, which a model with learned
+        absolute positions needs; the price is padding (a direct line is 13 of 35 tokens).
+        ``prompt_loss=False`` also sets the prompt's targets to -100, so only completions
+        are learned (the prompt's random digits cannot be predicted anyway).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if layout not in ("windows", "lines"):
+            raise ValueError(f"layout must be 'windows' or 'lines', got {layout!r}")
+        if layout == "windows" and not prompt_loss:
+            raise ValueError("prompt_loss=False needs layout='lines' (windows mask nothing)")
+        if layout == "lines" and block_size is not None:
+            raise ValueError("block_size applies to layout='windows'; lines are padded to "
+                             "max_line_length")
+        ids = corpus.ids.to(device) if device is not None else corpus.ids
+        if layout == "lines":
+            rows, targets = self._padded_lines(ids, corpus.line_starts.to(ids.device),
+                                               prompt_loss)
+
+            def get_lines() -> tuple[Tensor, Tensor]:
+                pick = torch.randint(0, rows.shape[0], (batch_size,), generator=generator)
+                pick = pick.to(rows.device)
+                return rows[pick], targets[pick]
+
+            return get_lines
         block = self.max_line_length if block_size is None else block_size
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        ids = corpus.ids.to(device) if device is not None else corpus.ids
         starts = corpus.line_starts[corpus.line_starts + block + 1 <= ids.numel()]
         if starts.numel() == 0:
             raise ValueError(f"block_size={block} is longer than the corpus "
@@ -204,12 +227,27 @@ class ArithmeticTask:
         starts = starts.to(ids.device)
         offsets = torch.arange(block + 1, device=ids.device)
 
-        def get_batch() -> tuple[Tensor, Tensor]:
+        def get_windows() -> tuple[Tensor, Tensor]:
             pick = torch.randint(0, starts.numel(), (batch_size,), generator=generator)
             windows = ids[starts[pick.to(ids.device)][:, None] + offsets]
             return windows[:, :-1], windows[:, 1:]
 
-        return get_batch
+        return get_windows
+
+    def _padded_lines(self, ids: Tensor, starts: Tensor, prompt_loss: bool
+                      ) -> tuple[Tensor, Tensor]:
+        """Every line as a row padded with end tokens: inputs and targets (n_lines, L - 1)."""
+        width = self.max_line_length
+        ends = torch.cat([starts[1:], starts.new_tensor([ids.numel()])])
+        lengths = ends - starts
+        cols = torch.arange(width, device=ids.device)
+        inside = cols[None, :] < lengths[:, None]
+        gathered = ids[(starts[:, None] + cols).clamp(max=ids.numel() - 1)]
+        rows = torch.where(inside, gathered, torch.full_like(gathered, self.eos_token_id))
+        targets = rows[:, 1:].masked_fill(~inside[:, 1:], -100)
+        if not prompt_loss:
+            targets[:, : self.prompt_length - 1] = -100
+        return rows[:, :-1].contiguous(), targets.contiguous()
 
     def encode_prompts(self, problems: Sequence[ArithmeticProblem],
                        device: torch.device | str | None = None) -> Tensor:

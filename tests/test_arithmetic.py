@@ -153,3 +153,27 @@ def test_evaluate_a_real_decoder_matches_uncached_generation():
     want = task.decode_completions(out[:, 9:])
     assert [c for _, c, _ in res.examples] == want[:4]
     assert res.mean_length == pytest.approx(sum(map(len, want)) / len(want))
+
+
+def test_lm_batches_lines_layout_pads_and_masks():
+    task = ArithmeticTask()
+    corpus = task.training_tokens(300, seed=2)
+    lines = task.tokenizer.decode(corpus.ids).splitlines(keepends=True)
+    x, y = task.lm_batches(corpus, 64, layout="lines",
+                           generator=torch.Generator().manual_seed(0))()
+    assert x.shape == y.shape == (64, 34)
+    for xi, yi in zip(x, y, strict=True):
+        learned = task.tokenizer.decode(yi[yi != -100])
+        line = task.tokenizer.decode(xi[:1]) + learned
+        assert line in lines  # the row is one whole line, its targets shifted by one
+        n = len(line)
+        assert (yi[n - 1:] == -100).all() and (yi[:n - 1] != -100).all()
+    _, y2 = task.lm_batches(corpus, 64, layout="lines", prompt_loss=False,
+                            generator=torch.Generator().manual_seed(0))()
+    assert (y2[:, :8] == -100).all() and torch.equal(y2[:, 8:], y[:, 8:])
+    completions = {task.tokenizer.decode(r[r != -100]) for r in y2}
+    assert completions <= {line[9:] for line in lines}
+    with pytest.raises(ValueError, match="layout"):
+        task.lm_batches(corpus, 4, layout="rows")
+    with pytest.raises(ValueError, match="prompt_loss"):
+        task.lm_batches(corpus, 4, prompt_loss=False)
