@@ -56,6 +56,7 @@ class TokenCorpus:
 
     ids: (n_tokens,) int64, the lines ``prompt + completion`` back to back (each ends with the
     end token). line_starts: (n_lines,) int64, the index in ``ids`` of each line's first token.
+    worked_fraction: the measured fraction of lines that show worked steps.
     """
 
     ids: Tensor
@@ -165,10 +166,20 @@ class ArithmeticTask:
         Held-out problems never appear."""
         text = make_arithmetic_corpus(n_lines, seed, self.n_operands, self.n_digits,
                                       worked_fraction, "train")
+        return self.corpus_from_text(text)
+
+    def corpus_from_text(self, text: str) -> TokenCorpus:
+        """A :class:`TokenCorpus` from your own lines (each ending with a newline): a corpus
+        with a different mix, or with flaws on purpose (truncated answers, say).
+        ``worked_fraction`` is measured on the lines."""
+        if not text or not text.endswith("\n"):
+            raise ValueError("text must be non-empty lines, each ending with a newline")
         ids = self._encode_text(text)
         ends = (ids == self.eos_token_id).nonzero().flatten()  # one end token per line
         line_starts = torch.cat([ids.new_zeros(1), ends[:-1] + 1])
-        return TokenCorpus(ids, line_starts, n_lines, worked_fraction)
+        lines = text.splitlines()
+        worked = sum(uses_worked_steps(line.partition("=")[2] + "\n") for line in lines)
+        return TokenCorpus(ids, line_starts, len(lines), worked / len(lines))
 
     def lm_batches(
         self,
