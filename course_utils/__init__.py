@@ -4,6 +4,7 @@ Each module owns one idea; notebooks build a piece step by step, assert that it 
 version here, and later notebooks import this one.
 """
 
+from . import arithmetic as arithmetic  # notebooks 19, 21-23
 from . import (
     attention,
     cache,

@@ -1,0 +1,369 @@
+"""The arithmetic task every training notebook measures itself on (notebooks 19, 21, 22, 23).
+
+Problems, prompts and the verifier live in :mod:`course_utils.data`; this module turns them into
+tensors and measures a model on them:
+
+- :class:`ArithmeticTask` fixes the problem size (``n_operands`` x ``n_digits``) and the
+  character tokenizer, builds the pretraining token stream **once** (:meth:`~ArithmeticTask.
+  training_tokens`), samples language-modelling batches from it (:meth:`~ArithmeticTask.
+  lm_batches`), encodes prompts into one (batch, prompt_len) tensor and decodes completions.
+- :func:`evaluate_accuracy` generates completions for held-out problems with the model's cached
+  :func:`~course_utils.generation.generate`, in batches, and reports accuracy, how often the
+  model wrote worked steps, completion length and pass@k.
+
+Every prompt of one size has the same length (operands are zero-padded), so a batch of prompts
+needs no padding, and the newline character is the end-of-answer token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import (
+    ArithmeticProblem,
+    check_completion,
+    make_arithmetic_corpus,
+    sample_arithmetic_problems,
+    uses_worked_steps,
+)
+from .generation import CausalLM, generate
+from .tokenizer import ARITHMETIC_ALPHABET, CharTokenizer
+
+__all__ = [
+    "ArithmeticTask",
+    "TokenCorpus",
+    "EvalResult",
+    "evaluate_accuracy",
+    "pass_at_k",
+]
+
+#: Room past the longest well-formed completion before generation stops (the model may write
+#: longer, malformed worked steps; those are cut and count as unterminated, hence wrong).
+COMPLETION_SLACK = 8
+
+
+@dataclass(frozen=True)
+class TokenCorpus:
+    """A pretraining token stream and where each line starts.
+
+    ids: (n_tokens,) int64, the lines ``prompt + completion`` back to back (each ends with the
+    end token). line_starts: (n_lines,) int64, the index in ``ids`` of each line's first token.
+    """
+
+    ids: Tensor
+    line_starts: Tensor
+    n_lines: int
+    worked_fraction: float
+
+    def to(self, device: torch.device | str) -> TokenCorpus:
+        return TokenCorpus(self.ids.to(device), self.line_starts.to(device), self.n_lines,
+                           self.worked_fraction)
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Sums of ``n_operands`` numbers of ``n_digits`` digits, written one character a token.
+
+    >>> task = ArithmeticTask()
+    >>> task.prompt_length, task.max_completion_length, task.eos_token_id
+    (9, 26, 0)
+    """
+
+    n_operands: int = 3
+    n_digits: int = 2
+    tokenizer: CharTokenizer = field(default_factory=CharTokenizer, compare=False)
+
+    def __post_init__(self) -> None:
+        # validates the sizes with the same messages as the data module
+        sample_arithmetic_problems(1, 0, self.n_operands, self.n_digits, "all")
+        if "\n" not in self.tokenizer.alphabet:
+            raise ValueError("tokenizer's alphabet has no newline, the end-of-answer token; "
+                             f"use CharTokenizer({ARITHMETIC_ALPHABET!r})")
+
+    @classmethod
+    def for_problems(cls, problems: Sequence[ArithmeticProblem],
+                     tokenizer: CharTokenizer | None = None) -> ArithmeticTask:
+        """The task the ``problems`` belong to (they must all have one size)."""
+        if len(problems) == 0:
+            raise ValueError("problems is empty; pass at least one ArithmeticProblem")
+        sizes = {(len(p.operands), p.n_digits) for p in problems}
+        if len(sizes) != 1:
+            raise ValueError(f"problems mix sizes (n_operands, n_digits) {sorted(sizes)}; "
+                             "evaluate each size separately so prompts share one length")
+        n_operands, n_digits = sizes.pop()
+        return cls(n_operands, n_digits, tokenizer or CharTokenizer())
+
+    # -- sizes ----------------------------------------------------------------------------
+
+    @property
+    def _example(self) -> ArithmeticProblem:
+        return ArithmeticProblem((0,) * self.n_operands, self.n_digits)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eos_token_id(self) -> int:
+        """The newline's id: the token that ends every answer."""
+        return self.tokenizer.stoi["\n"]
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens in every prompt, ``07+45+13=`` is 9."""
+        return len(self._example.prompt)
+
+    @property
+    def max_completion_length(self) -> int:
+        """Tokens in a worked-steps completion (the longer format), end token included."""
+        return len(self._example.worked_answer)
+
+    @property
+    def max_line_length(self) -> int:
+        """Prompt plus the longest completion."""
+        return self.prompt_length + self.max_completion_length
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """How far generation runs by default: the worked format plus a little slack."""
+        return self.max_completion_length + COMPLETION_SLACK
+
+    # -- problems and text ----------------------------------------------------------------
+
+    def problems(self, n: int, seed: int = 0, split: str = "train") -> list[ArithmeticProblem]:
+        """``n`` random problems of this size from ``split`` (``"train"``, ``"test"``,
+        ``"all"``); see :func:`course_utils.data.sample_arithmetic_problems`."""
+        return sample_arithmetic_problems(n, seed, self.n_operands, self.n_digits, split)
+
+    def _encode_text(self, text: str) -> Tensor:
+        # a 256-entry lookup table: much faster than a Python loop over characters
+        lut = np.full(256, -1, dtype=np.int64)
+        for ch, i in self.tokenizer.stoi.items():
+            if ord(ch) < 256:
+                lut[ord(ch)] = i
+        raw = np.frombuffer(text.encode("latin-1", errors="replace"), dtype=np.uint8)
+        ids = lut[raw]
+        if (ids < 0).any():
+            bad = text[int(np.argmax(ids < 0))]
+            raise ValueError(f"character {bad!r} is not in the tokenizer's alphabet "
+                             f"{self.tokenizer.alphabet!r}")
+        return torch.from_numpy(ids)
+
+    def training_tokens(self, n_lines: int = 20000, seed: int = 0,
+                        worked_fraction: float = 0.3) -> TokenCorpus:
+        """The pretraining stream: ``n_lines`` lines of the ``"train"`` split, a
+        ``worked_fraction`` of them with worked steps. Build it once and sample batches from it
+        (generating text every step costs as much as the model's own step at this size).
+        Held-out problems never appear."""
+        text = make_arithmetic_corpus(n_lines, seed, self.n_operands, self.n_digits,
+                                      worked_fraction, "train")
+        ids = self._encode_text(text)
+        ends = (ids == self.eos_token_id).nonzero().flatten()  # one end token per line
+        line_starts = torch.cat([ids.new_zeros(1), ends[:-1] + 1])
+        return TokenCorpus(ids, line_starts, n_lines, worked_fraction)
+
+    def lm_batches(
+        self,
+        corpus: TokenCorpus,
+        batch_size: int,
+        block_size: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Callable[[], tuple[Tensor, Tensor]]:
+        """A ``get_batch()`` for :func:`course_utils.train.train_language_model`.
+
+        Each call returns inputs and next-token targets, each (batch_size, block_size), cut from
+        ``corpus`` at random **line starts**: row i is ``ids[s_i : s_i + block_size]`` where
+        ``s_i`` is the first token of a line. Why line-aligned windows: every row opens exactly
+        as an evaluation prompt does, at position 0 with no context, which matters for learned
+        absolute positions and keeps train and test alike; the window then runs on into the
+        following lines, so no token is padding and no target is masked (random windows would
+        put the prompts at every position; one padded line per row would waste about half the
+        tokens, as worked answers are three times longer than direct ones). One gather per
+        call, on ``device``. ``block_size`` defaults to :attr:`max_line_length`, enough for the
+        first line of every row to be whole.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        block = self.max_line_length if block_size is None else block_size
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        ids = corpus.ids.to(device) if device is not None else corpus.ids
+        starts = corpus.line_starts[corpus.line_starts + block + 1 <= ids.numel()]
+        if starts.numel() == 0:
+            raise ValueError(f"block_size={block} is longer than the corpus "
+                             f"({ids.numel()} tokens); build it with more lines")
+        starts = starts.to(ids.device)
+        offsets = torch.arange(block + 1, device=ids.device)
+
+        def get_batch() -> tuple[Tensor, Tensor]:
+            pick = torch.randint(0, starts.numel(), (batch_size,), generator=generator)
+            windows = ids[starts[pick.to(ids.device)][:, None] + offsets]
+            return windows[:, :-1], windows[:, 1:]
+
+        return get_batch
+
+    def encode_prompts(self, problems: Sequence[ArithmeticProblem],
+                       device: torch.device | str | None = None) -> Tensor:
+        """The prompts of ``problems`` as one (len(problems), prompt_length) int64 tensor."""
+        if len(problems) == 0:
+            raise ValueError("problems is empty; pass at least one ArithmeticProblem")
+        wrong = [p for p in problems
+                 if (len(p.operands), p.n_digits) != (self.n_operands, self.n_digits)]
+        if wrong:
+            raise ValueError(f"problem {wrong[0]} is not of this task's size "
+                             f"({self.n_operands} operands of {self.n_digits} digits)")
+        ids = self._encode_text("".join(p.prompt for p in problems))
+        return ids.view(len(problems), self.prompt_length).to(device)
+
+    def decode_completion(self, ids: Sequence[int] | Tensor) -> str:
+        """Text of one generated completion up to and including its first end token (the
+        whole text when the model never ended it, which the verifier then rejects)."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        try:
+            cut = list(ids).index(self.eos_token_id) + 1
+        except ValueError:
+            cut = len(ids)
+        return self.tokenizer.decode(ids[:cut])
+
+    def decode_completions(self, ids: Tensor) -> list[str]:
+        """:meth:`decode_completion` for each row of (batch, new_tokens) generated ids."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be (batch, new_tokens), got shape {tuple(ids.shape)}")
+        return [self.decode_completion(row) for row in ids.tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: the chance that at least
+    one of ``k`` samples drawn without replacement is correct, ``1 - C(n-c, k) / C(n, k)``
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_accuracy` measured.
+
+    accuracy: fraction of all completions that are right (with ``samples > 1`` this is pass@1).
+    worked_fraction: fraction that wrote a closed worked-steps block.
+    accuracy_worked / accuracy_direct: accuracy among completions with / without worked steps
+    (nan when there are none). mean_length: tokens per completion, end token included.
+    pass_at: {k: pass@k} for k = 1, 2, 4, ... up to ``samples``. examples: a few
+    (prompt, completion, correct) triples. correct: (n_problems, samples) bool.
+    """
+
+    accuracy: float
+    worked_fraction: float
+    accuracy_worked: float
+    accuracy_direct: float
+    mean_length: float
+    n_problems: int
+    samples: int
+    pass_at: dict[int, float]
+    examples: list[tuple[str, str, bool]]
+    correct: Tensor
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        passes = ", ".join(f"pass@{k} {v:.3f}" for k, v in self.pass_at.items() if k > 1)
+        return (f"accuracy {self.accuracy:.3f} on {self.n_problems} problems x {self.samples}"
+                f" (worked steps {self.worked_fraction:.0%}, right when worked "
+                f"{self.accuracy_worked:.2f}, when direct {self.accuracy_direct:.2f}; mean "
+                f"length {self.mean_length:.1f})" + (f"; {passes}" if passes else ""))
+
+
+def _device_of(model: object) -> torch.device:
+    try:
+        return next(model.parameters()).device  # type: ignore[attr-defined]
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: CausalLM,
+    problems: Sequence[ArithmeticProblem],
+    greedy: bool = True,
+    temperature: float = 1.0,
+    samples: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 512,
+    generator: torch.Generator | None = None,
+    n_examples: int = 4,
+    task: ArithmeticTask | None = None,
+) -> EvalResult:
+    """Generate completions for ``problems`` and score them with the rule-based verifier.
+
+    ``greedy=True`` decodes with argmax (one completion per problem); ``greedy=False`` samples
+    ``samples`` completions per problem at ``temperature``. Prompts are batched ``batch_size``
+    rows at a time through the KV-cached :func:`~course_utils.generation.generate`, stopping
+    when every row has written the end token or after ``max_new_tokens`` (default
+    :attr:`ArithmeticTask.default_max_new_tokens`). ``generator`` must live on the model's
+    device.
+    """
+    if greedy and samples != 1:
+        raise ValueError(f"greedy decoding gives the same completion every time; use "
+                         f"samples=1 or greedy=False (got samples={samples})")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
+                         "use greedy=True for argmax decoding")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    import time
+
+    start = time.perf_counter()
+    task = task or ArithmeticTask.for_problems(problems)
+    max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    device = _device_of(model)
+    prompts = task.encode_prompts(problems, device).repeat_interleave(samples, dim=0)
+    completions: list[str] = []
+    for i in range(0, prompts.shape[0], batch_size):
+        chunk = prompts[i:i + batch_size]
+        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
+                       eos_token_id=task.eos_token_id, generator=generator)
+        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+    expanded = [p for p in problems for _ in range(samples)]
+    right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
+    worked = [uses_worked_steps(c) for c in completions]
+    correct = torch.tensor(right, dtype=torch.bool).view(len(problems), samples)
+
+    def rate(flags: list[bool], where: list[bool]) -> float:
+        chosen = [f for f, w in zip(flags, where, strict=True) if w]
+        return sum(chosen) / len(chosen) if chosen else float("nan")
+
+    counts = correct.sum(1).tolist()
+    ks = [k for k in (2**j for j in range(16)) if k <= samples]
+    pass_at = {k: sum(pass_at_k(samples, c, k) for c in counts) / len(counts) for k in ks}
+    examples = [(expanded[i].prompt, completions[i], right[i])
+                for i in range(0, len(completions), samples)[:n_examples]]
+    return EvalResult(
+        accuracy=sum(right) / len(right),
+        worked_fraction=sum(worked) / len(worked),
+        accuracy_worked=rate(right, worked),
+        accuracy_direct=rate(right, [not w for w in worked]),
+        mean_length=sum(len(c) for c in completions) / len(completions),
+        n_problems=len(problems),
+        samples=samples,
+        pass_at=pass_at,
+        examples=examples,
+        correct=correct,
+        seconds=time.perf_counter() - start,
+    )

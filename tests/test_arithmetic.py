@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from fake_models import ScriptedModel, oracle, wrong_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from course_utils.arithmetic import ArithmeticTask, evaluate_accuracy, pass_at_k
+from course_utils.data import ArithmeticProblem, is_held_out, make_arithmetic_corpus
+from course_utils.decoder import DecoderConfig, TinyDecoder
+
+
+def test_sizes_of_the_default_task():
+    task = ArithmeticTask()
+    assert task.prompt_length == len("07+45+13=") == 9
+    assert task.max_completion_length == len("<07+45=052;052+13=065>065\n") == 26
+    assert task.max_line_length == 35
+    assert task.tokenizer.decode([task.eos_token_id]) == "\n"
+    assert ArithmeticTask(2, 1).prompt_length == len("3+4=")
+
+
+def test_training_tokens_are_the_corpus_and_line_starts_point_at_lines():
+    task = ArithmeticTask()
+    corpus = task.training_tokens(300, seed=4)
+    text = make_arithmetic_corpus(300, 4)
+    assert task.tokenizer.decode(corpus.ids) == text
+    lines = text.splitlines(keepends=True)
+    assert corpus.line_starts.numel() == len(lines) == 300
+    for i in (0, 1, 17, 299):
+        s = int(corpus.line_starts[i])
+        assert task.tokenizer.decode(corpus.ids[s:s + len(lines[i])]) == lines[i]
+
+
+def test_held_out_problems_never_appear_in_training_lines():
+    task = ArithmeticTask()
+    text = task.tokenizer.decode(task.training_tokens(5000, seed=1).ids)
+    prompts = {line.split("=", 1)[0] for line in text.splitlines()}
+    test = task.problems(200, seed=9, split="test")
+    assert all(is_held_out(p.operands) for p in test)
+    assert not {p.prompt[:-1] for p in test} & prompts
+    # and the train split does contain ordinary problems (the check above is not vacuous)
+    assert len(prompts) > 4000
+
+
+def test_lm_batches_start_at_line_starts_and_shift_by_one():
+    task = ArithmeticTask()
+    corpus = task.training_tokens(400, seed=0)
+    g = torch.Generator().manual_seed(0)
+    get_batch = task.lm_batches(corpus, batch_size=64, block_size=20, generator=g)
+    x, y = get_batch()
+    assert x.shape == y.shape == (64, 20)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    text = task.tokenizer.decode(corpus.ids)
+    for row in x:
+        window = task.tokenizer.decode(row)
+        assert window in text
+        # every row opens with a whole prompt, as a line does (a window cut inside a line
+        # would open with the tail of a prompt or of an answer)
+        assert re.fullmatch(r"\d\d\+\d\d\+\d\d=", window[:9]), window
+    # the starts are drawn from many lines, not one
+    assert len({tuple(r[:9].tolist()) for r in x}) > 40
+
+
+def test_lm_batches_default_block_and_errors():
+    task = ArithmeticTask()
+    corpus = task.training_tokens(50)
+    x, _ = task.lm_batches(corpus, 4)()
+    assert x.shape == (4, task.max_line_length)
+    with pytest.raises(ValueError, match="block_size"):
+        task.lm_batches(corpus, 4, block_size=10**6)
+    with pytest.raises(ValueError, match="batch_size"):
+        task.lm_batches(corpus, 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(*[st.integers(0, 99)] * 3), min_size=1, max_size=8))
+def test_prompt_encoding_round_trips(ops):
+    task = ArithmeticTask()
+    problems = [ArithmeticProblem(o) for o in ops]
+    ids = task.encode_prompts(problems)
+    assert ids.shape == (len(problems), 9) and ids.dtype == torch.long
+    assert [task.tokenizer.decode(r) for r in ids] == [p.prompt for p in problems]
+
+
+def test_encode_prompts_rejects_other_sizes_and_empty():
+    task = ArithmeticTask()
+    with pytest.raises(ValueError, match="size"):
+        task.encode_prompts([ArithmeticProblem((1, 2))])
+    with pytest.raises(ValueError, match="empty"):
+        task.encode_prompts([])
+
+
+def test_decode_completions_cut_after_the_first_end_token():
+    task = ArithmeticTask()
+    enc = task.tokenizer.encode
+    ids = torch.tensor([enc("065\n\n\n\n\n\n\n"), enc("<1+2=3>3\n0"), enc("0650650000")])
+    assert task.decode_completions(ids) == ["065\n", "<1+2=3>3\n", "0650650000"]
+
+
+def test_oracle_model_scores_one_and_wrong_model_zero():
+    problems = ArithmeticTask().problems(20, seed=3, split="test")
+    good = evaluate_accuracy(oracle(), problems, batch_size=7)
+    assert good.accuracy == 1.0 and good.worked_fraction == 0.0
+    assert good.mean_length == 4.0 and good.correct.all()
+    assert good.examples[0] == (problems[0].prompt, problems[0].direct_answer, True)
+    worked = evaluate_accuracy(oracle(worked=True), problems)
+    assert worked.accuracy == 1.0 and worked.worked_fraction == 1.0
+    assert worked.accuracy_worked == 1.0 and math.isnan(worked.accuracy_direct)
+    assert worked.mean_length == 26.0
+    bad = evaluate_accuracy(wrong_model(), problems)
+    assert bad.accuracy == 0.0 and not bad.correct.any()
+
+
+def test_unterminated_completions_are_wrong():
+    # writes the right digits but never the end token before max_new_tokens runs out
+    model = ScriptedModel(lambda p: p.direct_answer[:-1] + "0000000")
+    problems = ArithmeticTask().problems(5, seed=0)
+    result = evaluate_accuracy(model, problems, max_new_tokens=5)
+    assert result.accuracy == 0.0 and result.mean_length == 5.0
+
+
+def test_pass_at_k_matches_the_formula_and_sampled_eval():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    assert pass_at_k(4, 3, 2) == 1.0 and pass_at_k(4, 0, 4) == 0.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    # a model that is right on half the problems and wrong on the others
+    problems = ArithmeticTask().problems(6, seed=5)
+    right = {p.operands for p in problems[:3]}
+    model = ScriptedModel(lambda p: p.direct_answer if p.operands in right else "999\n")
+    g = torch.Generator().manual_seed(0)
+    res = evaluate_accuracy(model, problems, greedy=False, samples=4, generator=g)
+    assert res.accuracy == 0.5 and res.pass_at == {1: 0.5, 2: 0.5, 4: 0.5}
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate_accuracy(model, problems, greedy=True, samples=4)
+
+
+def test_evaluate_a_real_decoder_matches_uncached_generation():
+    torch.manual_seed(0)
+    task = ArithmeticTask()
+    model = TinyDecoder(DecoderConfig(task.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64))
+    problems = task.problems(10, seed=1, split="test")
+    res = evaluate_accuracy(model, problems, batch_size=4)
+    prompts = task.encode_prompts(problems)
+    out = model.generate(prompts, task.default_max_new_tokens, use_cache=False,
+                         eos_token_id=task.eos_token_id)
+    want = task.decode_completions(out[:, 9:])
+    assert [c for _, c, _ in res.examples] == want[:4]
+    assert res.mean_length == pytest.approx(sum(map(len, want)) / len(want))
