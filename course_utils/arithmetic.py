@@ -307,6 +307,7 @@ def evaluate_accuracy(
     generator: torch.Generator | None = None,
     n_examples: int = 4,
     task: ArithmeticTask | None = None,
+    use_cache: bool = True,
 ) -> EvalResult:
     """Generate completions for ``problems`` and score them with the rule-based verifier.
 
@@ -314,7 +315,8 @@ def evaluate_accuracy(
     ``samples`` completions per problem at ``temperature``. Prompts are batched ``batch_size``
     rows at a time through the KV-cached :func:`~course_utils.generation.generate`, stopping
     when every row has written the end token or after ``max_new_tokens`` (default
-    :attr:`ArithmeticTask.default_max_new_tokens`). ``generator`` must live on the model's
+    :attr:`ArithmeticTask.default_max_new_tokens`); ``use_cache=False`` re-runs the prefix
+    each token, for models without ``new_caches``. ``generator`` must live on the model's
     device.
     """
     if greedy and samples != 1:
@@ -338,7 +340,8 @@ def evaluate_accuracy(
     for i in range(0, prompts.shape[0], batch_size):
         chunk = prompts[i:i + batch_size]
         out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
-                       eos_token_id=task.eos_token_id, generator=generator)
+                       eos_token_id=task.eos_token_id, generator=generator,
+                       use_cache=use_cache)
         completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
     expanded = [p for p in problems for _ in range(samples)]
     right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
