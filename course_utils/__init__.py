@@ -24,6 +24,8 @@ from . import (
 from . import moe as moe  # notebooks 16-18
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .cache import KVCache
+from .checkpoint import load_hf_checkpoint, save_hf_checkpoint  # notebook 21
+from .config import DeepSeekConfig
 from .data import (
     ArithmeticProblem,
     check_completion,
@@ -36,6 +38,7 @@ from .decoder import DecoderConfig, TinyDecoder
 from .generation import generate
 from .layers import RMSNorm, SwiGLU
 from .mla import LatentCache, MLAConfig, MultiHeadLatentAttention  # noqa: F401  notebooks 10-15
+from .model import DeepSeekForCausalLM
 from .ngram import CountLanguageModel
 from .runtime import get_device, seed_everything
 from .sampling import sample_next_token, top_k_filter, top_p_filter
@@ -49,6 +52,8 @@ __all__ = [
     "moe",
     "positional",
     "DecoderConfig",
+    "DeepSeekConfig",
+    "DeepSeekForCausalLM",
     "KVCache",
     "MultiHeadAttention",
     "RMSNorm",
@@ -58,6 +63,8 @@ __all__ = [
     "cache",
     "decoder",
     "generate",
+    "load_hf_checkpoint",
+    "save_hf_checkpoint",
     "generation",
     "layers",
     "scaled_dot_product_attention",

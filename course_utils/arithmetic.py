@@ -357,6 +357,7 @@ def generate_completions(
     batch_size: int = 512,
     generator: torch.Generator | None = None,
     task: ArithmeticTask | None = None,
+    use_cache: bool = True,
 ) -> list[str]:
     """Completions (text up to and including the end token) for each problem, ``samples`` per
     problem in order (problem 0's samples first). Prompts go ``batch_size`` rows at a time
@@ -364,7 +365,8 @@ def generate_completions(
     has written the end token or after ``max_new_tokens`` (default
     :attr:`ArithmeticTask.default_max_new_tokens`). ``greedy=True`` takes the argmax (then
     ``samples`` must be 1); otherwise tokens are sampled at ``temperature`` with ``generator``,
-    which must live on the model's device."""
+    which must live on the model's device. ``use_cache=False`` re-runs the prefix each token,
+    for models without ``new_caches``."""
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if greedy and samples != 1:
@@ -382,7 +384,8 @@ def generate_completions(
     for i in range(0, prompts.shape[0], batch_size):
         chunk = prompts[i:i + batch_size]
         out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
-                       eos_token_id=task.eos_token_id, generator=generator)
+                       eos_token_id=task.eos_token_id, generator=generator,
+                       use_cache=use_cache)
         completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
     return completions
 
@@ -399,6 +402,7 @@ def evaluate_accuracy(
     generator: torch.Generator | None = None,
     n_examples: int = 4,
     task: ArithmeticTask | None = None,
+    use_cache: bool = True,
 ) -> EvalResult:
     """Generate completions for ``problems`` and score them with the rule-based verifier.
 
@@ -408,7 +412,7 @@ def evaluate_accuracy(
     """
     start = time.perf_counter()
     completions = generate_completions(model, problems, greedy, temperature, samples,
-                                       max_new_tokens, batch_size, generator, task)
+                                       max_new_tokens, batch_size, generator, task, use_cache)
     expanded = [p for p in problems for _ in range(samples)]
     right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
     worked = [uses_worked_steps(c) for c in completions]

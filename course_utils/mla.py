@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import BaseCache
+from .cache import BaseCache, kv_cache_bytes
 from .layers import RMSNorm
 from .positional import RotaryEmbedding, YarnScaling
 
@@ -289,10 +289,12 @@ def rope_rows_to_half_split(state_dict: Mapping[str, Tensor], config: MLAConfig
 
 def kv_cache_bytes_per_token(n_kv_heads: int, head_dim: int, dtype_bytes: int = 2,
                              num_layers: int = 1) -> int:
-    """Bytes an MHA/GQA/MQA cache holds per token: K and V, each n_kv_heads x head_dim."""
-    if min(n_kv_heads, head_dim, dtype_bytes, num_layers) < 1:
-        raise ValueError("n_kv_heads, head_dim, dtype_bytes and num_layers must all be >= 1")
-    return 2 * n_kv_heads * head_dim * dtype_bytes * num_layers
+    """Bytes an MHA/GQA/MQA cache holds per token: K and V, each n_kv_heads x head_dim.
+
+    The argument order of notebooks 10-11 over :func:`course_utils.cache.kv_cache_bytes`, the
+    one formula the course uses for a K/V cache.
+    """
+    return kv_cache_bytes(num_layers, n_kv_heads, head_dim, bytes_per_element=dtype_bytes)
 
 
 def latent_cache_bytes_per_token(kv_lora_rank: int, qk_rope_head_dim: int, dtype_bytes: int = 2,

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .arithmetic import evaluate_accuracy
 from .data import (
     ArithmeticProblem,
-    check_completion,
     make_arithmetic_corpus,
     random_windows,
     sample_arithmetic_problems,
@@ -87,38 +87,20 @@ def moe_layers(model: nn.Module) -> list[DeepSeekMoE]:
     return layers
 
 
-@torch.no_grad()
 def greedy_accuracy(model: nn.Module, tokenizer: CharTokenizer,
                     problems: Sequence[ArithmeticProblem], max_new_tokens: int | None = None,
                     batch_size: int = 128) -> float:
-    """Share of ``problems`` whose greedy completion ends in the right answer.
-
-    All prompts of one problem size have one length, so a batch needs no padding. Generation
-    re-runs the full prefix each token (no cache): fine for these short completions.
-    """
+    """Share of ``problems`` whose greedy completion ends in the right answer: the course's
+    :func:`course_utils.arithmetic.evaluate_accuracy`, without a cache so that any
+    ``forward(ids) -> logits`` model works. ``tokenizer`` must be the arithmetic one."""
+    if tokenizer.alphabet != CharTokenizer().alphabet:
+        raise ValueError("greedy_accuracy needs the arithmetic CharTokenizer (ARITHMETIC_ALPHABET)")
     was_training = model.training
     model.eval()
-    if max_new_tokens is None:
-        max_new_tokens = max(len(p.worked_answer) for p in problems)
-    device = next(model.parameters()).device
-    newline = tokenizer.encode("\n")[0]
-    right = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        ids = torch.tensor([tokenizer.encode(p.prompt) for p in chunk], device=device)
-        prompt_len = ids.shape[1]
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            nxt = model(ids)[:, -1].argmax(dim=-1)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == newline
-            if done.all():
-                break
-        for p, row in zip(chunk, ids[:, prompt_len:].tolist(), strict=True):
-            text = tokenizer.decode(row)
-            right += check_completion(p, text.split("\n")[0] + "\n")
+    result = evaluate_accuracy(model, problems, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, use_cache=False)
     model.train(was_training)
-    return right / len(problems)
+    return result.accuracy
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
