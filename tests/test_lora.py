@@ -119,3 +119,34 @@ def test_applying_twice_does_not_wrap_the_frozen_base():
         lora.apply_lora(model, "o_proj.base", r=2)
     assert lora.apply_lora(model, "q_proj", r=2, freeze_rest=False) == [
         "layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+
+
+def _mini_deepseek():
+    from course_utils.config import DeepSeekConfig
+    from course_utils.model import DeepSeekForCausalLM
+
+    torch.manual_seed(0)
+    return DeepSeekForCausalLM(DeepSeekConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=4, moe_intermediate_size=16, intermediate_size=32,
+        max_position_embeddings=64))
+
+
+def test_lora_on_the_mini_deepseek_attention_and_experts_merges_exactly():
+    model = _mini_deepseek()
+    names = lora.apply_lora(model, ["q_b_proj", "kv_b_proj", "o_proj", "*.experts.*_proj"], r=2,
+                            alpha=4)
+    assert len(names) == 2 * 3 + 4 * 3  # 3 attention projections a layer, 4 routed experts
+    assert not any(".mlp.gate_proj" in n or "shared_experts" in n for n in names)
+    _randomize_adapters(model)
+    x = torch.randint(0, 16, (2, 11))
+    with torch.no_grad():
+        adapted = model(x)
+        model.absorb = True  # MLA's absorbed path reads kv_b_proj.weight: the merged weight
+        absorbed = model(x)
+        model.absorb = False
+        lora.merge_lora(model)
+        merged = model(x)
+    assert torch.allclose(absorbed, adapted, atol=1e-5)
+    assert torch.allclose(merged, adapted, atol=1e-6), (merged - adapted).abs().max()

@@ -333,3 +333,24 @@ def test_train_grpo_with_kl_reference_several_updates_and_evaluation():
                      task.problems(2), config)
     with pytest.raises(ValueError, match="group_size"):
         rl.GRPOConfig(group_size=1)
+
+
+def test_grpo_runs_on_the_mini_deepseek_with_cached_sampling():
+    from course_utils.config import DeepSeekConfig
+    from course_utils.model import DeepSeekForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(DeepSeekConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        n_routed_experts=4, moe_intermediate_size=16, intermediate_size=32,
+        max_position_embeddings=64))
+    task = ArithmeticTask()
+    prompts = task.encode_prompts(task.problems(3))
+    s = rl.sample_groups(model, prompts, 4, 10, 1.0, 0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = rl.completion_logprobs(model, s.prompt_ids, s.completion_ids)
+    assert torch.allclose(full[s.mask], s.logprobs[s.mask], atol=1e-5)
+    config = rl.GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=6, beta=0.05)
+    history = rl.train_grpo(model, task.problems(8), steps=2, config=config, progress=False)
+    assert len(history) == 2 and all(math.isfinite(v) for v in history["loss"])
