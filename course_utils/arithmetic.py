@@ -188,25 +188,27 @@ class ArithmeticTask:
         block_size: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-        layout: str = "windows",
+        layout: str = "lines",
         prompt_loss: bool = True,
     ) -> Callable[[], tuple[Tensor, Tensor]]:
         """A ``get_batch()`` for :func:`course_utils.train.train_language_model`: each call
         returns inputs and next-token targets, (batch_size, width) each, on ``device``, from
         one gather into tensors built once here.
 
-        ``layout="windows"`` (default): row i is ``ids[s_i : s_i + block_size]`` where ``s_i``
-        is a random **line start**. Every row opens exactly as an evaluation prompt does, at
-        position 0 with no context, then runs on into the following lines, so no token is
-        padding and no target is masked. ``block_size`` defaults to :attr:`max_line_length`,
-        enough for the first line of every row to be whole.
+        ``layout="lines"`` (default): row i is one random line, padded with end tokens to
+        :attr:`max_line_length` (width ``max_line_length - 1``); targets past its end token
+        are -100 (ignored). Every answer is learned at the positions it has at evaluation,
+        where the prompt starts at position 0 with no context. The price is padding (a direct
+        line is 13 of 35 tokens), and it is worth it: a 342K-parameter TinyDecoder (learned
+        absolute positions) trained 1000 steps of 128 rows reached greedy accuracy 0.92 with
+        lines and 0.07 with windows (measured on this course's 2-core CPU; see the track's
+        report). ``prompt_loss=False`` also sets the prompt's targets to -100, so only
+        completions are learned (the prompt's random digits cannot be predicted anyway).
 
-        ``layout="lines"``: row i is one random line, padded with end tokens to
-        :attr:`max_line_length`; targets past its end token are -100 (ignored). Every answer
-        is then learned at the positions it has at evaluation, which a model with learned
-        absolute positions needs; the price is padding (a direct line is 13 of 35 tokens).
-        ``prompt_loss=False`` also sets the prompt's targets to -100, so only completions
-        are learned (the prompt's random digits cannot be predicted anyway).
+        ``layout="windows"``: row i is ``ids[s_i : s_i + block_size]`` where ``s_i`` is a
+        random line start: no padding and no masked target, but every line after the first
+        in a row sits at a shifted position with earlier lines as context, unlike any prompt
+        at evaluation. ``block_size`` (windows only) defaults to :attr:`max_line_length`.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -216,7 +218,7 @@ class ArithmeticTask:
             raise ValueError("prompt_loss=False needs layout='lines' (windows mask nothing)")
         if layout == "lines" and block_size is not None:
             raise ValueError("block_size applies to layout='windows'; lines are padded to "
-                             "max_line_length")
+                             "max_line_length (pass layout='windows' to set it)")
         ids = corpus.ids.to(device) if device is not None else corpus.ids
         if layout == "lines":
             rows, targets = self._padded_lines(ids, corpus.line_starts.to(ids.device),

@@ -50,7 +50,8 @@ def test_lm_batches_start_at_line_starts_and_shift_by_one():
     task = ArithmeticTask()
     corpus = task.training_tokens(400, seed=0)
     g = torch.Generator().manual_seed(0)
-    get_batch = task.lm_batches(corpus, batch_size=64, block_size=20, generator=g)
+    get_batch = task.lm_batches(corpus, batch_size=64, block_size=20, generator=g,
+                                 layout="windows")
     x, y = get_batch()
     assert x.shape == y.shape == (64, 20)
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -68,10 +69,14 @@ def test_lm_batches_start_at_line_starts_and_shift_by_one():
 def test_lm_batches_default_block_and_errors():
     task = ArithmeticTask()
     corpus = task.training_tokens(50)
-    x, _ = task.lm_batches(corpus, 4)()
+    x, y = task.lm_batches(corpus, 4)()  # default layout: one padded line a row
+    assert x.shape == (4, task.max_line_length - 1) and (y == -100).any()
+    x, _ = task.lm_batches(corpus, 4, layout="windows")()
     assert x.shape == (4, task.max_line_length)
     with pytest.raises(ValueError, match="block_size"):
-        task.lm_batches(corpus, 4, block_size=10**6)
+        task.lm_batches(corpus, 4, block_size=10**6, layout="windows")
+    with pytest.raises(ValueError, match="block_size"):
+        task.lm_batches(corpus, 4, block_size=20)
     with pytest.raises(ValueError, match="batch_size"):
         task.lm_batches(corpus, 0)
 
@@ -176,7 +181,7 @@ def test_lm_batches_lines_layout_pads_and_masks():
     with pytest.raises(ValueError, match="layout"):
         task.lm_batches(corpus, 4, layout="rows")
     with pytest.raises(ValueError, match="prompt_loss"):
-        task.lm_batches(corpus, 4, prompt_loss=False)
+        task.lm_batches(corpus, 4, layout="windows", prompt_loss=False)
 
 
 def test_corpus_from_text_measures_the_mix_and_rejects_bad_text():
