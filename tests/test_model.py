@@ -206,7 +206,9 @@ def test_cached_chunks_equal_the_full_forward_and_absorb_changes_nothing():
         other = ids.clone()
         other[:, -1] = (other[:, -1] + 1) % 24
         changed = model(other)
-        assert torch.equal(changed[:, :-1], full[:, :-1]) and not torch.equal(changed, full)
+        # (Not bit-equal: the experts' matmuls see a different set of rows.)
+        assert _rel(changed[:, :-1], full[:, :-1]) < 1e-6
+        assert _rel(changed[:, -1], full[:, -1]) > 1e-3
 
 
 def test_forward_with_hidden_is_the_pre_norm_residual_stream():
