@@ -128,7 +128,7 @@ def test_presets_and_dense_baseline():
     model = DeepSeekForCausalLM(cpu)
     total, active = model.num_parameters(), model.num_active_parameters()
     assert 300_000 <= total <= 400_000 and active < 0.6 * total
-    assert len(model.moe_layers()) == cpu.num_moe_layers == 3
+    assert len(model.moe_layers()) == cpu.num_moe_layers == 2
     dense_cfg = cpu.dense_baseline()
     dense = DeepSeekForCausalLM(dense_cfg)
     assert dense.moe_layers() == [] and dense.num_parameters() == dense.num_active_parameters()
