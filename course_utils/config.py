@@ -220,7 +220,8 @@ class DeepSeekConfig:
         """A ready-made size. ``"cpu"``: about 0.32M parameters (0.18M active per token) for
         the 16-character arithmetic corpus, 1 dense + 2 MoE layers of 8 routed experts (top-2,
         2 groups, V3 router) + 1 shared; 1000 AdamW steps of 128 x 48 tokens take about 5
-        minutes on one CPU thread. ``"gpu"``: about 14M parameters (5.6M active) for a Colab T4.
+        minutes on one idle CPU thread (measured 8 on a shared, loaded one).
+        ``"gpu"``: about 14M parameters (5.6M active) for a Colab T4.
         ``overrides`` replace any field."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
