@@ -127,6 +127,9 @@ def test_state_dict_keys_are_the_checkpoint_keys(saved):
             expected.discard("lm_head.weight")
         assert keys == expected, name
         assert "model.layers.2.mlp.experts.7.gate_proj.weight" in keys  # per-expert on disk
+    half = load_hf_checkpoint(saved["v3_qlora_groups_dense1"][1], dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in half.moe_layers())
 
 
 def test_course_model_exports_to_transformers(tmp_path):
