@@ -16,7 +16,8 @@ been zero-padded), and scale tensors have ``ceil(size / tile)`` entries per axis
 DeepSeek-V3 inference code. A tile of zeros gets scale 1 (any scale represents 0 exactly; 1
 avoids a division by zero).
 
-On a CPU torch can *cast* to ``float8_e4m3fn`` / ``float8_e5m2`` but has no FP8 arithmetic, so the
+On a CPU torch can *cast* to ``float8_e4m3fn`` / ``float8_e5m2`` but its FP8 arithmetic is missing
+or limited (no add or sum; recent releases multiply but round the result back to FP8), so the
 GEMM here is simulated: FP8 values are upcast to fp32 (exactly: every FP8 value is an fp32 value)
 and multiplied and accumulated in fp32. On CUDA GPUs of compute capability 8.9 or newer (Ada,
 Hopper) :func:`fp8_gemm_scaled_mm` runs the same recipe with ``torch._scaled_mm``.
