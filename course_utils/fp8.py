@@ -168,8 +168,10 @@ def _padded_blocks(x: Tensor, block: tuple[int, int]) -> Tensor:
     """x (R, C) -> zero-padded fp32 view (R'/br, br, C'/bc, bc) with R', C' multiples of block."""
     (rows, cols), (br, bc) = x.shape, block
     nr, nc = -(-rows // br), -(-cols // bc)
-    padded = F.pad(x.float(), (0, nc * bc - cols, 0, nr * br - rows))
-    return padded.view(nr, br, nc, bc)
+    padded = x.float()
+    if nr * br != rows or nc * bc != cols:
+        padded = F.pad(padded, (0, nc * bc - cols, 0, nr * br - rows))
+    return padded.reshape(nr, br, nc, bc)
 
 
 def _scales_from_amax(amax: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,21 +209,17 @@ def quantize_blockwise(x: Tensor, block: int | Sequence[int],
     return q[:rows, :cols].contiguous(), scales
 
 
-def _expand_scales(scales: Tensor, block: tuple[int, int], shape: torch.Size) -> Tensor:
-    rows, cols = shape
-    br, bc = block
-    want = (-(-rows // br), -(-cols // bc))
-    if tuple(scales.shape) != want:
-        raise ValueError(f"scales has shape {tuple(scales.shape)}, but a {rows} x {cols} matrix "
-                         f"in {br} x {bc} blocks needs {want}")
-    return scales.float().repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
-
-
 def dequantize_blockwise(q: Tensor, scales: Tensor, block: int | Sequence[int]) -> Tensor:
     """Undo :func:`quantize_blockwise`: q (R, C) times each block's scale, as fp32 (R, C)."""
     _check_matrix(q, "q")
-    block = _check_block(block)
-    return q.float() * _expand_scales(scales, block, q.shape)
+    (rows, cols), (br, bc) = q.shape, _check_block(block)
+    want = (-(-rows // br), -(-cols // bc))
+    if not isinstance(scales, Tensor) or tuple(scales.shape) != want:
+        shape = tuple(scales.shape) if isinstance(scales, Tensor) else type(scales).__name__
+        raise ValueError(f"scales has shape {shape}, but a {rows} x {cols} matrix in {br} x {bc} "
+                         f"blocks needs {want}")
+    blocks = _padded_blocks(q, (br, bc)) * scales.float()[:, None, :, None]
+    return blocks.reshape(want[0] * br, want[1] * bc)[:rows, :cols]
 
 
 def quantize_per_tensor(x: Tensor, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
@@ -304,12 +302,12 @@ def quantize_dequantize(x: Tensor, scheme: str, tile: int = 128,
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:
-    """||approx - exact|| / ||exact|| (Frobenius norms, computed in float64)."""
-    exact64 = exact.double()
+    """||approx - exact|| / ||exact|| (Frobenius norms, computed in float64 on the CPU)."""
+    exact64 = exact.detach().cpu().double()
     denominator = exact64.norm().item()
     if denominator == 0:
         raise ValueError("relative_error needs a non-zero exact tensor")
-    return (approx.double() - exact64).norm().item() / denominator
+    return (approx.detach().cpu().double() - exact64).norm().item() / denominator
 
 
 # -- FP8 GEMM --------------------------------------------------------------------------------
