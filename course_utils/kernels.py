@@ -35,15 +35,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .layers import RMSNorm, SwiGLU
 from .mla import MLAConfig
 
 __all__ = [
     "Availability",
     "AttentionMemory",
     "Intensity",
+    "NormSwiGLUBlock",
     "attainable_flops",
     "attention_intensity",
     "attention_memory",
@@ -690,6 +692,23 @@ def rmsnorm_triton_ptx(x: Tensor, weight: Tensor, eps: float = 1e-6) -> str:
         raise RuntimeError("this Triton launch produced no PTX (the interpreter compiles "
                            "nothing); run on a CUDA device")
     return asm["ptx"]
+
+
+class NormSwiGLUBlock(nn.Module):
+    """x + SwiGLU(RMSNorm(x)): the feed-forward half of a transformer block, the fusion example.
+
+    x: (..., hidden_size) -> (..., hidden_size). Eager PyTorch runs the norm's and the
+    activation's elementwise steps as separate kernels, each a round trip to memory;
+    ``torch.compile`` fuses them (the matmuls stay matmuls).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = RMSNorm(hidden_size, eps)
+        self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.norm(x))
 
 
 _COMPILE_CHECKS: dict[str, Availability] = {}

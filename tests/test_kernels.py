@@ -385,3 +385,12 @@ def test_torch_compile_failure_is_reported_not_raised(monkeypatch):
     assert "RuntimeError: no C++ compiler found" in avail.reason and "more detail" not in \
         avail.reason
     assert str(avail).startswith("unavailable: ")
+
+
+def test_norm_swiglu_block_by_its_formula():
+    torch.manual_seed(0)
+    block = K.NormSwiGLUBlock(8, 20, eps=1e-6)
+    x = torch.randn(3, 8)
+    h = F.rms_norm(x, (8,), block.norm.weight, eps=1e-6)
+    ref = x + block.mlp.down_proj(F.silu(block.mlp.gate_proj(h)) * block.mlp.up_proj(h))
+    assert torch.allclose(block(x), ref, atol=1e-6)
