@@ -45,6 +45,7 @@ __all__ = [
     "Availability",
     "AttentionMemory",
     "Intensity",
+    "NewTensor",
     "NormSwiGLUBlock",
     "attainable_flops",
     "attention_intensity",
@@ -67,6 +68,7 @@ __all__ = [
     "tiled_attention",
     "tokens_per_expert",
     "torch_compile_available",
+    "trace_new_tensors",
     "triton_available",
 ]
 
@@ -492,12 +494,22 @@ def _storage_ptr(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-class _LargestNewTensor(TorchFunctionMode):
-    """Records the bytes of every tensor a torch function creates (not views of its inputs)."""
+@dataclass(frozen=True)
+class NewTensor:
+    """One tensor a torch function created: the function's name, the shape, dtype and bytes."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bytes: int
+
+
+class _NewTensorRecorder(TorchFunctionMode):
+    """Records every tensor a torch function creates (not views or in-place results)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: list[tuple[int, int]] = []  # (storage pointer, bytes)
+        self.records: list[tuple[int, NewTensor]] = []  # (storage pointer, what)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -506,25 +518,35 @@ class _LargestNewTensor(TorchFunctionMode):
         for t in _tensors_in(result):
             ptr = _storage_ptr(t)
             if ptr not in inputs:  # a view or an in-place result shares an input's storage
-                self.sizes.append((ptr, t.numel() * t.element_size()))
+                name = getattr(func, "__name__", str(func))
+                self.records.append((ptr, NewTensor(name, tuple(t.shape), t.dtype,
+                                                    t.numel() * t.element_size())))
         return result
+
+
+def trace_new_tensors(fn: Callable[..., Any], *args: Any, **kwargs: Any
+                      ) -> tuple[Any, list[NewTensor]]:
+    """Run ``fn(*args, **kwargs)`` and list, in order, every tensor its torch calls create.
+
+    Returns (result, records). Every torch function called inside is watched (through
+    ``torch.overrides.TorchFunctionMode``), on any device; views and in-place results are not
+    new memory and are skipped, and so are the returned tensors (the output must exist whatever
+    the algorithm). Work done inside one fused torch function (e.g. PyTorch's own
+    ``scaled_dot_product_attention``) is invisible: only what Python-level code creates shows.
+    Each record is, in eager mode, one kernel writing a tensor to memory.
+    """
+    with _NewTensorRecorder() as recorder:
+        result = fn(*args, **kwargs)
+    returned = {_storage_ptr(t) for t in _tensors_in(result)}
+    return result, [rec for ptr, rec in recorder.records if ptr not in returned]
 
 
 def largest_intermediate_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any
                                ) -> tuple[Any, int]:
-    """Run ``fn(*args, **kwargs)`` and measure the largest tensor it creates along the way.
-
-    Returns (result, bytes). Every torch function called inside is watched (through
-    ``torch.overrides.TorchFunctionMode``), on any device; views and in-place results are not
-    new memory and are skipped, and so is the returned tensor itself (the output must exist
-    whatever the algorithm). Work done inside one fused torch function (e.g. PyTorch's own
-    ``scaled_dot_product_attention``) is invisible: only what Python-level code creates counts.
-    """
-    with _LargestNewTensor() as mode:
-        result = fn(*args, **kwargs)
-    returned = {_storage_ptr(t) for t in _tensors_in(result)}
-    sizes = [size for ptr, size in mode.sizes if ptr not in returned]
-    return result, max(sizes, default=0)
+    """Run ``fn(*args, **kwargs)``; return (result, bytes of the largest tensor it created
+    along the way), as :func:`trace_new_tensors` sees them (0 if none)."""
+    result, records = trace_new_tensors(fn, *args, **kwargs)
+    return result, max((rec.bytes for rec in records), default=0)
 
 
 def cuda_peak_memory_bytes(fn: Callable[..., Any], *args: Any,

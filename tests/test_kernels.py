@@ -394,3 +394,15 @@ def test_norm_swiglu_block_by_its_formula():
     h = F.rms_norm(x, (8,), block.norm.weight, eps=1e-6)
     ref = x + block.mlp.down_proj(F.silu(block.mlp.gate_proj(h)) * block.mlp.up_proj(h))
     assert torch.allclose(block(x), ref, atol=1e-6)
+
+
+def test_trace_new_tensors_lists_the_eager_rmsnorm_steps():
+    norm = RMSNorm(64)
+    x = torch.randn(32, 64)
+    out, records = K.trace_new_tensors(norm, x)
+    assert torch.equal(out, norm(x))
+    full = [r for r in records if r.shape == (32, 64)]
+    # x.pow(2) and x * rsqrt(...) each write a full-size tensor before the weight multiply
+    # that makes the output: two full round trips to memory a fused kernel does not make.
+    assert [r.op for r in full] == ["pow", "mul"]
+    assert all(r.bytes == 32 * 64 * 4 and r.dtype == torch.float32 for r in full)
