@@ -18,6 +18,7 @@ needs no padding, and the newline character is the end-of-answer token.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ __all__ = [
     "TokenCorpus",
     "EvalResult",
     "evaluate_accuracy",
+    "generate_completions",
     "pass_at_k",
 ]
 
@@ -54,6 +56,7 @@ class TokenCorpus:
 
     ids: (n_tokens,) int64, the lines ``prompt + completion`` back to back (each ends with the
     end token). line_starts: (n_lines,) int64, the index in ``ids`` of each line's first token.
+    worked_fraction: the measured fraction of lines that show worked steps.
     """
 
     ids: Tensor
@@ -163,10 +166,20 @@ class ArithmeticTask:
         Held-out problems never appear."""
         text = make_arithmetic_corpus(n_lines, seed, self.n_operands, self.n_digits,
                                       worked_fraction, "train")
+        return self.corpus_from_text(text)
+
+    def corpus_from_text(self, text: str) -> TokenCorpus:
+        """A :class:`TokenCorpus` from your own lines (each ending with a newline): a corpus
+        with a different mix, or with flaws on purpose (truncated answers, say).
+        ``worked_fraction`` is measured on the lines."""
+        if not text or not text.endswith("\n"):
+            raise ValueError("text must be non-empty lines, each ending with a newline")
         ids = self._encode_text(text)
         ends = (ids == self.eos_token_id).nonzero().flatten()  # one end token per line
         line_starts = torch.cat([ids.new_zeros(1), ends[:-1] + 1])
-        return TokenCorpus(ids, line_starts, n_lines, worked_fraction)
+        lines = text.splitlines()
+        worked = sum(uses_worked_steps(line.partition("=")[2] + "\n") for line in lines)
+        return TokenCorpus(ids, line_starts, len(lines), worked / len(lines))
 
     def lm_batches(
         self,
@@ -175,26 +188,49 @@ class ArithmeticTask:
         block_size: int | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        layout: str = "windows",
+        prompt_loss: bool = True,
     ) -> Callable[[], tuple[Tensor, Tensor]]:
-        """A ``get_batch()`` for :func:`course_utils.train.train_language_model`.
+        """A ``get_batch()`` for :func:`course_utils.train.train_language_model`: each call
+        returns inputs and next-token targets, (batch_size, width) each, on ``device``, from
+        one gather into tensors built once here.
 
-        Each call returns inputs and next-token targets, each (batch_size, block_size), cut from
-        ``corpus`` at random **line starts**: row i is ``ids[s_i : s_i + block_size]`` where
-        ``s_i`` is the first token of a line. Why line-aligned windows: every row opens exactly
-        as an evaluation prompt does, at position 0 with no context, which matters for learned
-        absolute positions and keeps train and test alike; the window then runs on into the
-        following lines, so no token is padding and no target is masked (random windows would
-        put the prompts at every position; one padded line per row would waste about half the
-        tokens, as worked answers are three times longer than direct ones). One gather per
-        call, on ``device``. ``block_size`` defaults to :attr:`max_line_length`, enough for the
-        first line of every row to be whole.
+        ``layout="windows"`` (default): row i is ``ids[s_i : s_i + block_size]`` where ``s_i``
+        is a random **line start**. Every row opens exactly as an evaluation prompt does, at
+        position 0 with no context, then runs on into the following lines, so no token is
+        padding and no target is masked. ``block_size`` defaults to :attr:`max_line_length`,
+        enough for the first line of every row to be whole.
+
+        ``layout="lines"``: row i is one random line, padded with end tokens to
+        :attr:`max_line_length`; targets past its end token are -100 (ignored). Every answer
+        is then learned at the positions it has at evaluation, which a model with learned
+        absolute positions needs; the price is padding (a direct line is 13 of 35 tokens).
+        ``prompt_loss=False`` also sets the prompt's targets to -100, so only completions
+        are learned (the prompt's random digits cannot be predicted anyway).
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if layout not in ("windows", "lines"):
+            raise ValueError(f"layout must be 'windows' or 'lines', got {layout!r}")
+        if layout == "windows" and not prompt_loss:
+            raise ValueError("prompt_loss=False needs layout='lines' (windows mask nothing)")
+        if layout == "lines" and block_size is not None:
+            raise ValueError("block_size applies to layout='windows'; lines are padded to "
+                             "max_line_length")
+        ids = corpus.ids.to(device) if device is not None else corpus.ids
+        if layout == "lines":
+            rows, targets = self._padded_lines(ids, corpus.line_starts.to(ids.device),
+                                               prompt_loss)
+
+            def get_lines() -> tuple[Tensor, Tensor]:
+                pick = torch.randint(0, rows.shape[0], (batch_size,), generator=generator)
+                pick = pick.to(rows.device)
+                return rows[pick], targets[pick]
+
+            return get_lines
         block = self.max_line_length if block_size is None else block_size
         if not isinstance(block, int) or block < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        ids = corpus.ids.to(device) if device is not None else corpus.ids
         starts = corpus.line_starts[corpus.line_starts + block + 1 <= ids.numel()]
         if starts.numel() == 0:
             raise ValueError(f"block_size={block} is longer than the corpus "
@@ -202,12 +238,27 @@ class ArithmeticTask:
         starts = starts.to(ids.device)
         offsets = torch.arange(block + 1, device=ids.device)
 
-        def get_batch() -> tuple[Tensor, Tensor]:
+        def get_windows() -> tuple[Tensor, Tensor]:
             pick = torch.randint(0, starts.numel(), (batch_size,), generator=generator)
             windows = ids[starts[pick.to(ids.device)][:, None] + offsets]
             return windows[:, :-1], windows[:, 1:]
 
-        return get_batch
+        return get_windows
+
+    def _padded_lines(self, ids: Tensor, starts: Tensor, prompt_loss: bool
+                      ) -> tuple[Tensor, Tensor]:
+        """Every line as a row padded with end tokens: inputs and targets (n_lines, L - 1)."""
+        width = self.max_line_length
+        ends = torch.cat([starts[1:], starts.new_tensor([ids.numel()])])
+        lengths = ends - starts
+        cols = torch.arange(width, device=ids.device)
+        inside = cols[None, :] < lengths[:, None]
+        gathered = ids[(starts[:, None] + cols).clamp(max=ids.numel() - 1)]
+        rows = torch.where(inside, gathered, torch.full_like(gathered, self.eos_token_id))
+        targets = rows[:, 1:].masked_fill(~inside[:, 1:], -100)
+        if not prompt_loss:
+            targets[:, : self.prompt_length - 1] = -100
+        return rows[:, :-1].contiguous(), targets.contiguous()
 
     def encode_prompts(self, problems: Sequence[ArithmeticProblem],
                        device: torch.device | str | None = None) -> Tensor:
@@ -296,6 +347,50 @@ def _device_of(model: object) -> torch.device:
 
 
 @torch.no_grad()
+def generate_completions(
+    model: CausalLM,
+    problems: Sequence[ArithmeticProblem],
+    greedy: bool = True,
+    temperature: float = 1.0,
+    samples: int = 1,
+    max_new_tokens: int | None = None,
+    batch_size: int = 512,
+    generator: torch.Generator | None = None,
+    task: ArithmeticTask | None = None,
+    use_cache: bool = True,
+) -> list[str]:
+    """Completions (text up to and including the end token) for each problem, ``samples`` per
+    problem in order (problem 0's samples first). Prompts go ``batch_size`` rows at a time
+    through the KV-cached :func:`~course_utils.generation.generate`, which stops once every row
+    has written the end token or after ``max_new_tokens`` (default
+    :attr:`ArithmeticTask.default_max_new_tokens`). ``greedy=True`` takes the argmax (then
+    ``samples`` must be 1); otherwise tokens are sampled at ``temperature`` with ``generator``,
+    which must live on the model's device. ``use_cache=False`` re-runs the prefix each token,
+    for models without ``new_caches``."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if greedy and samples != 1:
+        raise ValueError(f"greedy decoding gives the same completion every time; use "
+                         f"samples=1 or greedy=False (got samples={samples})")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
+                         "use greedy=True for argmax decoding")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    task = task or ArithmeticTask.for_problems(problems)
+    max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    prompts = task.encode_prompts(problems, _device_of(model)).repeat_interleave(samples, dim=0)
+    completions: list[str] = []
+    for i in range(0, prompts.shape[0], batch_size):
+        chunk = prompts[i:i + batch_size]
+        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
+                       eos_token_id=task.eos_token_id, generator=generator,
+                       use_cache=use_cache)
+        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+    return completions
+
+
+@torch.no_grad()
 def evaluate_accuracy(
     model: CausalLM,
     problems: Sequence[ArithmeticProblem],
@@ -312,37 +407,12 @@ def evaluate_accuracy(
     """Generate completions for ``problems`` and score them with the rule-based verifier.
 
     ``greedy=True`` decodes with argmax (one completion per problem); ``greedy=False`` samples
-    ``samples`` completions per problem at ``temperature``. Prompts are batched ``batch_size``
-    rows at a time through the KV-cached :func:`~course_utils.generation.generate`, stopping
-    when every row has written the end token or after ``max_new_tokens`` (default
-    :attr:`ArithmeticTask.default_max_new_tokens`); ``use_cache=False`` re-runs the prefix
-    each token, for models without ``new_caches``. ``generator`` must live on the model's
-    device.
+    ``samples`` completions per problem at ``temperature`` (see :func:`generate_completions`
+    for batching and stopping).
     """
-    if greedy and samples != 1:
-        raise ValueError(f"greedy decoding gives the same completion every time; use "
-                         f"samples=1 or greedy=False (got samples={samples})")
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
-                         "use greedy=True for argmax decoding")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    import time
-
     start = time.perf_counter()
-    task = task or ArithmeticTask.for_problems(problems)
-    max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-    device = _device_of(model)
-    prompts = task.encode_prompts(problems, device).repeat_interleave(samples, dim=0)
-    completions: list[str] = []
-    for i in range(0, prompts.shape[0], batch_size):
-        chunk = prompts[i:i + batch_size]
-        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
-                       eos_token_id=task.eos_token_id, generator=generator,
-                       use_cache=use_cache)
-        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+    completions = generate_completions(model, problems, greedy, temperature, samples,
+                                       max_new_tokens, batch_size, generator, task, use_cache)
     expanded = [p for p in problems for _ in range(samples)]
     right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
     worked = [uses_worked_steps(c) for c in completions]

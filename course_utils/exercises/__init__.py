@@ -13,5 +13,6 @@ from .gpu import *  # noqa: F403  notebook 24
 from .kv_cache import *  # noqa: F403  notebooks 05, 07-09
 from .moe import *  # noqa: F403  notebooks 16-18
 from .positions_mla import *  # noqa: F403  notebooks 10-15
+from .post_training import *  # noqa: F403  notebooks 22-23
 
 __all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]

@@ -1,0 +1,68 @@
+"""GRPO on the arithmetic task: steps per second, and sampled tokens per second with and without
+the KV cache.
+
+Policy: a TinyDecoder of ~342K parameters (hidden 96, 3 layers, 4 heads, character vocabulary
+of 16), untrained, so every completion runs to max_new_tokens (34): the worst case for a step.
+One GRPO step = 16 prompts x 8 samples (128 completions), rewards, group advantages, one full
+forward + backward of the clipped loss, one AdamW update (beta = 0: no reference forward).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from course_utils.arithmetic import ArithmeticTask
+from course_utils.decoder import DecoderConfig, TinyDecoder
+from course_utils.generation import generate
+from course_utils.rl import GRPOConfig, grpo_step, sample_groups
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(quick: bool = False) -> list[dict]:
+    torch.manual_seed(0)
+    repeats = 2 if quick else 7
+    task = ArithmeticTask()
+    model = TinyDecoder(DecoderConfig(task.vocab_size, hidden_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, max_position_embeddings=64)).eval()
+    config = GRPOConfig(prompts_per_step=16, group_size=8, lr=1e-4)
+    problems = task.problems(16, seed=0)
+    prompts = task.encode_prompts(problems)
+    rows = config.prompts_per_step * config.group_size
+    max_new = task.default_max_new_tokens
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+
+    t_sample = _median_seconds(
+        lambda: sample_groups(model, prompts, config.group_size, max_new, 1.0, None, g), repeats)
+    repeated = prompts.repeat_interleave(config.group_size, 0)
+    t_nocache = _median_seconds(
+        lambda: generate(model, repeated, max_new, temperature=1.0, use_cache=False,
+                         generator=g), max(1, repeats // 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    t_step = _median_seconds(
+        lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
+    tokens = rows * max_new
+    return [
+        {"what": "GRPO step (16 prompts x 8 samples, 342K-param decoder)", "value": 1 / t_step,
+         "unit": "steps/s", "note": f"{t_step * 1e3:.0f} ms/step, threads={threads}"},
+        {"what": "sampled tokens, KV cache", "value": tokens / t_sample, "unit": "tok/s",
+         "note": f"{rows} rows x {max_new} tokens"},
+        {"what": "sampled tokens, no cache (re-run the prefix)", "value": tokens / t_nocache,
+         "unit": "tok/s"},
+        {"what": "sampling speed-up from the KV cache", "value": t_nocache / t_sample,
+         "unit": "x"},
+        {"what": "share of a GRPO step spent sampling", "value": t_sample / t_step,
+         "unit": "fraction", "note": "the rest: rewards, forward + backward, update"},
+    ]

@@ -1,0 +1,614 @@
+"""Reinforcement learning with rule-based rewards: GRPO, as in DeepSeekMath and DeepSeek-R1.
+
+Group Relative Policy Optimization (DeepSeekMath paper, section 4.1) drops PPO's value network:
+for each prompt it samples a **group** of G completions, scores them with a reward, and uses
+each completion's reward relative to its group as the advantage of all its tokens,
+
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)          (Bessel-corrected std)
+
+The loss for one group is, with ratio_t = pi_theta(o_t | ...) / pi_old(o_t | ...),
+
+    - 1/G sum_i 1/|o_i| sum_t [ min(ratio_t A_i, clip(ratio_t, 1-eps, 1+eps) A_i)
+                                - beta * KL_t ],
+    KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (the "k3" estimator, always >= 0)
+
+This module has each piece separately so notebook 22 can build and test it term by term:
+
+- rewards: :func:`correctness_reward`, :func:`format_reward`, combined with named weights by
+  :func:`make_reward_fn`;
+- :func:`sample_groups`: G completions per prompt from the KV-cached generator, with per-token
+  log-probabilities and a completion mask; :func:`completion_logprobs` recomputes them with
+  gradients;
+- :func:`group_advantages`, :func:`k3_kl`, :func:`grpo_loss` (with the DAPO and Dr. GRPO
+  variants named);
+- :func:`grpo_step` and :func:`train_grpo`: the loop, with a history of what changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arithmetic import ArithmeticTask, evaluate_accuracy
+from .data import ArithmeticProblem, check_completion, uses_worked_steps
+from .generation import CausalLM, generate
+
+__all__ = [
+    "correctness_reward",
+    "format_reward",
+    "is_well_formed",
+    "REWARD_FUNCTIONS",
+    "Rewards",
+    "make_reward_fn",
+    "GroupSamples",
+    "completion_mask",
+    "sample_groups",
+    "completion_logprobs",
+    "group_advantages",
+    "count_zero_variance_groups",
+    "k3_kl",
+    "AGGREGATIONS",
+    "grpo_loss",
+    "GRPOConfig",
+    "GRPOHistory",
+    "grpo_step",
+    "train_grpo",
+]
+
+# --------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------
+
+RewardFn = Callable[[ArithmeticProblem, str], float]
+
+# [0-9], not \d: Python's \d also matches other scripts' digits
+_STEP = r"[0-9]+\+[0-9]+=[0-9]+"
+_WELL_FORMED = re.compile(rf"<({_STEP}(?:;{_STEP})*)>[0-9]+\n")
+
+
+def correctness_reward(problem: ArithmeticProblem, completion: str) -> float:
+    """1.0 when the completion's final answer equals the sum, else 0.0.
+
+    The exact verifier :func:`course_utils.data.check_completion`: the answer must be digits
+    followed by the end token, after an optional closed ``<...>`` block; anything unterminated,
+    malformed or with extra characters scores 0.
+    """
+    return 1.0 if check_completion(problem, completion) else 0.0
+
+
+def is_well_formed(problem: ArithmeticProblem, completion: str) -> bool:
+    """True when the completion is ``<step;step;...>answer`` plus the end token, with one step
+    ``a+b=s`` per addition (``n_operands - 1`` of them), whatever the numbers say."""
+    line, newline, _ = completion.partition("\n")
+    match = _WELL_FORMED.fullmatch(line + newline)
+    return match is not None and len(match.group(1).split(";")) == len(problem.operands) - 1
+
+
+def format_reward(problem: ArithmeticProblem, completion: str) -> float:
+    """1.0 for a well-formed worked-steps completion (:func:`is_well_formed`), else 0.0. It
+    rewards the shape of the reasoning, not its truth, like R1's format reward for
+    ``<think>`` tags."""
+    return 1.0 if is_well_formed(problem, completion) else 0.0
+
+
+#: The rewards :func:`make_reward_fn` knows by name.
+REWARD_FUNCTIONS: dict[str, RewardFn] = {
+    "correctness": correctness_reward,
+    "format": format_reward,
+}
+
+
+@dataclass
+class Rewards:
+    """Rewards of N completions: ``total`` (N,) float32 = sum_k weight_k * ``components[k]``."""
+
+    total: Tensor
+    components: dict[str, Tensor]
+
+
+def make_reward_fn(
+    weights: Mapping[str, float] | None = None,
+    reward_fns: Mapping[str, RewardFn] | None = None,
+) -> Callable[[Sequence[ArithmeticProblem], Sequence[str]], Rewards]:
+    """A reward function ``(problems, completions) -> Rewards`` that sums named rewards.
+
+    ``weights`` maps a reward's name to its weight (default ``{"correctness": 1.0}``); names
+    are looked up in ``reward_fns`` first, then in :data:`REWARD_FUNCTIONS`. Pass your own
+    ``reward_fns`` to try another verifier (a buggy one, to watch reward hacking).
+    """
+    weights = dict({"correctness": 1.0} if weights is None else weights)
+    known = {**REWARD_FUNCTIONS, **(reward_fns or {})}
+    if not weights:
+        raise ValueError("weights is empty; name at least one reward, e.g. {'correctness': 1}")
+    unknown = sorted(set(weights) - set(known))
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(known)} (pass your own "
+                         "in reward_fns)")
+
+    def reward_fn(problems: Sequence[ArithmeticProblem], completions: Sequence[str]) -> Rewards:
+        if len(problems) != len(completions):
+            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+        components = {
+            name: torch.tensor([float(known[name](p, c)) for p, c in
+                                zip(problems, completions, strict=True)], dtype=torch.float32)
+            for name in weights
+        }
+        total = sum(w * components[name] for name, w in weights.items())
+        return Rewards(total, components)  # type: ignore[arg-type]
+
+    return reward_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling groups
+# --------------------------------------------------------------------------------------------
+
+
+def completion_mask(completion_ids: Tensor, eos_token_id: int | None) -> Tensor:
+    """(N, T) bool: True for the tokens of each completion up to and including its first end
+    token, False after it (generation pads finished rows with more end tokens). Without an end
+    token every token counts."""
+    if completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids must be (N, T), got {tuple(completion_ids.shape)}")
+    if eos_token_id is None:
+        return torch.ones_like(completion_ids, dtype=torch.bool)
+    is_end = (completion_ids == eos_token_id).long()
+    ends_before = is_end.cumsum(dim=1) - is_end  # end tokens strictly before each position
+    return ends_before == 0
+
+
+@dataclass
+class GroupSamples:
+    """G completions for each of B prompts, rows ``i*G .. i*G + G - 1`` for prompt i.
+
+    prompt_ids: (B*G, P); completion_ids: (B*G, T) with T <= max_new_tokens; logprobs:
+    (B*G, T) float32, log-probability of each sampled token under the sampling policy (the
+    model's softmax at ``temperature``), 0 where masked; mask: (B*G, T) bool (see
+    :func:`completion_mask`).
+    """
+
+    prompt_ids: Tensor
+    completion_ids: Tensor
+    logprobs: Tensor
+    mask: Tensor
+    group_size: int
+    temperature: float
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B*G,) tokens per completion, end token included."""
+        return self.mask.sum(dim=1)
+
+
+def _token_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) at ``tokens``. logits (N, T, V), tokens (N, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_groups(
+    model: CausalLM,
+    prompts: Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> GroupSamples:
+    """Sample ``group_size`` completions for each prompt of ``prompts`` (B, P) with the
+    KV-cached :func:`~course_utils.generation.generate` (no top-k / top-p: the policy whose
+    probabilities the loss uses must be the one that sampled)."""
+    if prompts.dim() != 2:
+        raise ValueError(f"prompts must be (B, P), got shape {tuple(prompts.shape)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0: a group of greedy completions is G copies "
+                         f"of one, got {temperature}")
+    repeated = prompts.repeat_interleave(group_size, dim=0)
+    ids, logits = generate(model, repeated, max_new_tokens, temperature=temperature,
+                           eos_token_id=eos_token_id, generator=generator, return_logits=True)
+    completions = ids[:, prompts.shape[1]:]
+    mask = completion_mask(completions, eos_token_id)
+    logprobs = _token_logprobs(logits, completions, temperature).masked_fill(~mask, 0.0)
+    return GroupSamples(repeated, completions, logprobs, mask, group_size, temperature)
+
+
+def completion_logprobs(model: nn.Module | CausalLM, prompt_ids: Tensor, completion_ids: Tensor,
+                        temperature: float = 1.0) -> Tensor:
+    """Log-probabilities (N, T) of ``completion_ids`` (N, T) after ``prompt_ids`` (N, P), from
+    one full forward pass (with gradients unless called under ``torch.no_grad``). Use the
+    sampling temperature so that, before any update, they equal the sampler's."""
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows, completion_ids "
+                         f"{completion_ids.shape[0]}")
+    if completion_ids.shape[1] == 0:
+        raise ValueError("completion_ids has no tokens")
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    logits = model(ids[:, :-1])[:, prompt_ids.shape[1] - 1:]
+    return _token_logprobs(logits, completion_ids, temperature)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages, KL and the loss
+# --------------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-4, scale_std: bool = True) -> Tensor:
+    """Group-relative advantages. rewards (B, G) -> (B, G).
+
+    ``(r - mean) / (std + eps)`` per group (row), with the **Bessel-corrected** (unbiased,
+    divide by G - 1) standard deviation, as ``torch.std`` computes by default. ``scale_std=False``
+    keeps only ``r - mean``: the Dr. GRPO variant (Liu et al. 2025, "Understanding R1-Zero-Like
+    Training"), which argues dividing by the std over-weights groups that are nearly all right
+    or all wrong. A group whose rewards are all equal gets advantages of exactly 0: it carries
+    no signal (see :func:`count_zero_variance_groups`).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, G), one row per group, got shape "
+                         f"{tuple(rewards.shape)}")
+    if rewards.shape[1] < 2:
+        raise ValueError(f"groups need at least 2 completions to compare, got G = "
+                         f"{rewards.shape[1]}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    rewards = rewards.float()
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale_std:
+        centered = centered / (rewards.std(dim=1, keepdim=True) + eps)
+    equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)
+    return centered.masked_fill(equal, 0.0)  # exactly 0, whatever the rounding of the mean
+
+
+def count_zero_variance_groups(rewards: Tensor) -> int:
+    """How many groups (rows of (B, G) rewards) have all-equal rewards; their gradient is 0."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, G), got shape {tuple(rewards.shape)}")
+    return int((rewards == rewards[:, :1]).all(dim=1).sum())
+
+
+def k3_kl(logp_new: Tensor, logp_ref: Tensor) -> Tensor:
+    """Per-token KL(pi_theta || pi_ref) estimate ``exp(d) - d - 1`` with
+    ``d = logp_ref - logp_new`` (Schulman's "k3"; DeepSeekMath eq. 4). Unbiased for tokens
+    sampled from pi_theta, never negative (e^d >= 1 + d), and exactly 0 where the two agree."""
+    d = logp_ref - logp_new
+    return torch.exp(d) - d - 1.0
+
+
+#: How the per-token terms become one number: "sequence" averages each completion's tokens,
+#: then the completions (DeepSeekMath); "token" averages over every token of the batch at once
+#: (DAPO, Yu et al. 2025), so long completions weigh more; "constant" sums tokens and divides
+#: by a fixed budget, N x max_tokens (Dr. GRPO), removing the length bias of both.
+AGGREGATIONS = ("sequence", "token", "constant")
+
+
+def grpo_loss(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    logp_ref: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    beta: float = 0.0,
+    aggregation: str = "sequence",
+    max_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The GRPO loss (to minimise) and diagnostics.
+
+    logp_new, logp_old, logp_ref: (N, T) per-token log-probabilities of the sampled tokens
+    under the policy being trained (with gradients), the policy that sampled them, and the
+    frozen reference (``None`` allowed when ``beta == 0``). advantages: (N,) one per completion
+    (any shape with N elements, e.g. (B, G)), or (N, T) per token. mask: (N, T), True for
+    completion tokens (masked tokens do not affect the loss or its gradient).
+
+    Per token: ``min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A) - beta * k3``;
+    the loss is minus its aggregate (see :data:`AGGREGATIONS`; ``max_tokens`` is the constant
+    of ``"constant"``, default T). With one update per batch, ``logp_old`` is
+    ``logp_new.detach()``: the ratio is exactly 1, clipping never acts, and the gradient is the
+    group-baseline REINFORCE gradient ``-mean_i A_i / |o_i| sum_t grad log pi(o_t)``.
+
+    Diagnostics: ``clip_fraction`` (tokens whose gradient the clip removed), ``kl`` (mean k3 per
+    token), ``ratio`` (mean ratio per token), all over masked-in tokens.
+    """
+    if logp_new.dim() != 2:
+        raise ValueError(f"logp_new must be (N, T), got shape {tuple(logp_new.shape)}")
+    for name, t in (("logp_old", logp_old), ("mask", mask)):
+        if t.shape != logp_new.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(logp_new.shape)} like logp_new")
+    if logp_ref is not None and logp_ref.shape != logp_new.shape:
+        raise ValueError(f"logp_ref has shape {tuple(logp_ref.shape)}, expected "
+                         f"{tuple(logp_new.shape)} like logp_new")
+    if beta != 0 and logp_ref is None:
+        raise ValueError(f"beta={beta} needs logp_ref, the reference model's log-probs; pass "
+                         "them or set beta=0")
+    if beta < 0 or clip_eps < 0:
+        raise ValueError(f"beta and clip_eps must be >= 0, got beta={beta}, clip_eps={clip_eps}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    n, t = logp_new.shape
+    if advantages.shape == logp_new.shape:
+        adv = advantages
+    elif advantages.numel() == n:
+        adv = advantages.reshape(n, 1)
+    else:
+        raise ValueError(f"advantages must have N={n} elements (one per completion) or shape "
+                         f"{(n, t)}, got shape {tuple(advantages.shape)}")
+    mask = mask.bool()
+    adv = adv.to(logp_new.dtype)
+    # zero the masked entries first, so junk there (even inf) cannot leak in through 0 * inf
+    new = logp_new.masked_fill(~mask, 0.0)
+    old = logp_old.detach().masked_fill(~mask, 0.0)
+    ratio = torch.exp(new - old)
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    objective = torch.minimum(ratio * adv, clipped * adv)
+    if logp_ref is not None:
+        kl = k3_kl(new, logp_ref.detach().masked_fill(~mask, 0.0))
+    else:
+        kl = torch.zeros_like(new)
+    per_token = (objective - beta * kl).masked_fill(~mask, 0.0)
+
+    maskf = mask.to(per_token.dtype)
+    if aggregation == "sequence":
+        per_seq = per_token.sum(dim=1) / maskf.sum(dim=1).clamp(min=1.0)
+        value = per_seq.mean()
+    elif aggregation == "token":
+        value = per_token.sum() / maskf.sum().clamp(min=1.0)
+    else:
+        budget = t if max_tokens is None else max_tokens
+        if budget < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        value = per_token.sum() / (n * budget)
+
+    with torch.no_grad():
+        count = maskf.sum().clamp(min=1.0)
+        was_clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
+        stats = {
+            "clip_fraction": float((was_clipped & mask).sum() / count),
+            "kl": float((kl * maskf).sum() / count),
+            "ratio": float((ratio * maskf).sum() / count),
+        }
+    return -value, stats
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """Settings of :func:`grpo_step` / :func:`train_grpo`.
+
+    ``updates_per_batch`` is mu in DeepSeekMath's Algorithm 1: gradient steps on one batch of
+    samples (1: the ratio is 1 and the clip inactive; more: the clip starts to matter).
+    ``max_new_tokens`` None: the task's default (worked format plus slack).
+    """
+
+    prompts_per_step: int = 16
+    group_size: int = 8
+    lr: float = 1e-4
+    clip_eps: float = 0.2
+    beta: float = 0.0
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    updates_per_batch: int = 1
+    aggregation: str = "sequence"
+    scale_std: bool = True
+    adv_eps: float = 1e-4
+    reward_weights: dict[str, float] = field(default_factory=lambda: {"correctness": 1.0})
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "updates_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare completions within "
+                             f"a group), got {self.group_size}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got "
+                             f"{self.aggregation!r}")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise ValueError(f"temperature and lr must be > 0, got {self.temperature}, "
+                             f"{self.lr}")
+
+
+@dataclass
+class GRPOHistory:
+    """One record per step (see :func:`grpo_step` for the keys), plus held-out evaluations.
+
+    ``history["reward"]`` is the list of one key over the steps.
+    """
+
+    records: list[dict[str, float]] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    eval_worked_fraction: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __getitem__(self, key: str) -> list[float]:
+        if self.records and key not in self.records[0]:
+            raise KeyError(f"{key!r} is not recorded; keys: {sorted(self.records[0])}")
+        return [r[key] for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def make_reference(policy: nn.Module) -> nn.Module:
+    """A frozen copy of ``policy`` (eval mode, no gradients): the KL term's reference."""
+    reference = copy.deepcopy(policy).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def grpo_step(
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: ArithmeticTask,
+    problems: Sequence[ArithmeticProblem],
+    config: GRPOConfig,
+    reference: nn.Module | None = None,
+    reward_fn: Callable[[Sequence[ArithmeticProblem], Sequence[str]], Rewards] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One GRPO iteration on ``problems`` (B prompts): sample G completions each, score them,
+    compute group advantages, and take ``config.updates_per_batch`` gradient steps.
+
+    Returns the step's record: ``reward`` (mean total reward), ``accuracy`` (fraction of
+    samples the exact verifier accepts, whatever the reward), ``length`` (mean completion
+    tokens), ``worked_fraction``, ``zero_variance_groups`` (of B), ``loss``, ``kl``,
+    ``clip_fraction``, ``ratio`` (of the last update), ``seconds``.
+    """
+    start = time.perf_counter()
+    if reference is None and config.beta > 0:
+        raise ValueError(f"beta={config.beta} needs a reference model; pass "
+                         "reference=make_reference(policy) or set beta=0")
+    reward_fn = reward_fn or make_reward_fn(config.reward_weights)
+    device = _device_of(policy)
+    max_new = config.max_new_tokens or task.default_max_new_tokens
+    g = config.group_size
+    prompts = task.encode_prompts(problems, device)
+    samples = sample_groups(policy, prompts, g, max_new, config.temperature,
+                            task.eos_token_id, generator)
+    texts = task.decode_completions(samples.completion_ids)
+    expanded = [p for p in problems for _ in range(g)]
+    rewards = reward_fn(expanded, texts)
+    grouped = rewards.total.view(len(problems), g)
+    advantages = group_advantages(grouped, config.adv_eps, config.scale_std).view(-1).to(device)
+    mask = samples.mask
+
+    with torch.no_grad():
+        logp_ref = (completion_logprobs(reference, samples.prompt_ids, samples.completion_ids,
+                                        config.temperature) if config.beta > 0 else None)
+        logp_old = (completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
+                                        config.temperature)
+                    if config.updates_per_batch > 1 else None)
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for _ in range(config.updates_per_batch):
+        logp_new = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
+                                       config.temperature)
+        old = logp_new.detach() if logp_old is None else logp_old
+        loss, stats = grpo_loss(logp_new, old, logp_ref, advantages, mask, config.clip_eps,
+                                config.beta, config.aggregation, max_new)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+    policy.eval()
+    correct = [check_completion(p, c) for p, c in zip(expanded, texts, strict=True)]
+    return {
+        "reward": float(rewards.total.mean()),
+        "accuracy": sum(correct) / len(correct),
+        "length": float(samples.lengths.float().mean()),
+        "worked_fraction": sum(map(uses_worked_steps, texts)) / len(texts),
+        "zero_variance_groups": count_zero_variance_groups(grouped),
+        "loss": float(loss.detach()),
+        **stats,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def train_grpo(
+    policy: nn.Module,
+    problems: Sequence[ArithmeticProblem] | Callable[[int], Sequence[ArithmeticProblem]],
+    steps: int,
+    config: GRPOConfig | None = None,
+    reference: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    reward_fn: Callable[[Sequence[ArithmeticProblem], Sequence[str]], Rewards] | None = None,
+    eval_problems: Sequence[ArithmeticProblem] | None = None,
+    eval_every: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "GRPO",
+) -> GRPOHistory:
+    """Run ``steps`` GRPO steps on ``policy`` in place and return the history.
+
+    ``problems``: a pool to draw ``config.prompts_per_step`` prompts from each step (without
+    replacement within a step), or a function ``step -> problems``. ``reference``: the frozen
+    KL reference, made from the policy when ``config.beta > 0`` and none is given.
+    ``optimizer``: default AdamW(lr=config.lr, betas (0.9, 0.99), weight_decay) on the
+    parameters that require grad (a LoRA-wrapped model trains only its adapters).
+    ``reward_fn``: default :func:`make_reward_fn` of ``config.reward_weights``. With
+    ``eval_problems`` and ``eval_every > 0``, greedy held-out accuracy is measured before the
+    first step, every ``eval_every`` steps and after the last.
+    """
+    config = config or GRPOConfig()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if eval_every and not eval_problems:
+        raise ValueError("eval_every > 0 needs eval_problems")
+    rng = random.Random(seed)
+    if callable(problems):
+        draw = problems
+    else:
+        pool = list(problems)
+        if len(pool) < config.prompts_per_step:
+            raise ValueError(f"problems has {len(pool)} items, fewer than prompts_per_step="
+                             f"{config.prompts_per_step}")
+
+        def draw(step: int) -> Sequence[ArithmeticProblem]:
+            return rng.sample(pool, config.prompts_per_step)
+
+    first = list(draw(0))
+    task = ArithmeticTask.for_problems(first)
+    device = _device_of(policy)
+    if reference is None and config.beta > 0:
+        reference = make_reference(policy)
+    if optimizer is None:
+        params = [p for p in policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("policy has no parameter that requires grad")
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99),
+                                      weight_decay=config.weight_decay)
+    reward_fn = reward_fn or make_reward_fn(config.reward_weights)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    history = GRPOHistory()
+
+    def evaluate(step: int) -> None:
+        result = evaluate_accuracy(policy, eval_problems, task=task)  # type: ignore[arg-type]
+        history.eval_steps.append(step)
+        history.eval_accuracy.append(result.accuracy)
+        history.eval_worked_fraction.append(result.worked_fraction)
+
+    start = time.perf_counter()
+    if eval_every:
+        evaluate(0)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
+    for step in bar:
+        batch = first if step == 0 else list(draw(step))
+        record = grpo_step(policy, optimizer, task, batch, config, reference, reward_fn,
+                           generator)
+        history.records.append(record)
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                        len=f"{record['length']:.1f}")
+        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+            if not history.eval_steps or history.eval_steps[-1] != step + 1:
+                evaluate(step + 1)
+    history.seconds = time.perf_counter() - start
+    return history

@@ -1,0 +1,105 @@
+"""Checkers of notebooks 22-23: a right answer passes, a typical wrong one fails and says why,
+None is "not attempted", a crash is reported, never raised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_utils import exercises as ex
+
+
+def _adv_right(r, eps):
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+
+
+def _adv_population(r, eps):
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)
+
+
+def _adv_batch(r, eps):
+    return (r - r.mean()) / (r.std() + eps)
+
+
+def _adv_nan(r, eps):
+    return (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
+
+
+def _k3_right(new, ref):
+    d = ref - new
+    return d.exp() - d - 1
+
+
+def _k3_swapped(new, ref):
+    d = new - ref
+    return d.exp() - d - 1
+
+
+def _k3_k1(new, ref):
+    return new - ref
+
+
+def _clip_right(ratio, adv, eps):
+    return torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+
+
+def _clip_only(ratio, adv, eps):
+    return ratio.clamp(1 - eps, 1 + eps) * adv
+
+
+def _clip_max(ratio, adv, eps):
+    return torch.maximum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+
+
+def _merge_right(w, a, b, alpha, r):
+    return w + (alpha / r) * b @ a
+
+
+def _merge_unscaled(w, a, b, alpha, r):
+    return w + b @ a
+
+
+def _merge_inverse(w, a, b, alpha, r):
+    return w + (r / alpha) * b @ a
+
+
+def _crash(*args):
+    raise RuntimeError("boom")
+
+
+def _todo(*args):
+    raise NotImplementedError
+
+
+CASES = [
+    (ex.check_group_advantages, _adv_right, _adv_population, "unbiased"),
+    (ex.check_group_advantages, _adv_right, _adv_batch, "whole batch"),
+    (ex.check_group_advantages, _adv_right, _adv_nan, "NaN"),
+    (ex.check_k3_kl, _k3_right, _k3_swapped, "swapped"),
+    (ex.check_k3_kl, _k3_right, _k3_k1, "negative"),
+    (ex.check_clipped_objective, _clip_right, _clip_only, "min"),
+    (ex.check_clipped_objective, _clip_right, _clip_max, "max instead of min"),
+    (ex.check_lora_merge, _merge_right, _merge_unscaled, "forgot the scale"),
+    (ex.check_lora_merge, _merge_right, _merge_inverse, "alpha / r"),
+]
+
+
+@pytest.mark.parametrize("checker, right, wrong, reason", CASES,
+                         ids=[f"{c[0].__name__}-{c[2].__name__}" for c in CASES])
+def test_function_checkers(checker, right, wrong, reason):
+    assert checker(right), checker(right).message
+    bad = checker(wrong)
+    assert not bad and bad.attempted and reason in bad.message, bad.message
+    assert not checker(None).attempted
+    assert not checker(_todo).attempted
+    crashed = checker(_crash)
+    assert not crashed and "RuntimeError" in crashed.message
+
+
+def test_wrong_shapes_and_types_are_explained():
+    fb = ex.check_k3_kl(lambda new, ref: (ref - new).exp().sum())
+    assert not fb and "shape" in fb.message
+    fb = ex.check_lora_merge(lambda w, a, b, alpha, r: 3.0)
+    assert not fb and "torch.Tensor" in fb.message
+    fb = ex.check_clipped_objective(lambda ratio, adv, eps: ratio * adv * 2)
+    assert not fb and "off by" in fb.message
