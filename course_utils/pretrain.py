@@ -38,7 +38,7 @@ from .model import DeepSeekForCausalLM
 from .moe import AuxLossFreeBalancer
 from .train import _param_groups, language_model_loss, lr_schedule
 
-__all__ = ["PretrainConfig", "Pretrainer", "artifacts_dir", "load_or_pretrain"]
+__all__ = ["PretrainConfig", "Pretrainer", "artifacts_dir", "course_config", "load_or_pretrain"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,17 @@ class PretrainConfig:
         """A short hash of every field: checkpoints of different runs never collide."""
         text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def course_config(**changes: Any) -> PretrainConfig:
+    """The run notebook 21 trains and notebooks 22-23 start from, at the current scale: the
+    defaults of :class:`PretrainConfig`, or a few-second version under ``COURSE_SMOKE``.
+    ``changes`` replace fields (then the checkpoint is a different one)."""
+    from . import runtime
+
+    smoke = dict(steps=30, batch_size=16, n_train_lines=1000, eval_every=15, n_eval_problems=16)
+    config = PretrainConfig(**smoke) if runtime.is_smoke() else PretrainConfig()
+    return dataclasses.replace(config, **changes)
 
 
 def artifacts_dir() -> Path:
@@ -211,11 +222,11 @@ class Pretrainer:
 def load_or_pretrain(config: PretrainConfig | None = None, device: torch.device | str | None = None,
                      root: str | Path | None = None, progress: bool = True
                      ) -> DeepSeekForCausalLM:
-    """The pretrained mini-DeepSeek of ``config`` (default :class:`PretrainConfig()`, notebook
+    """The pretrained mini-DeepSeek of ``config`` (default :func:`course_config`, notebook
     21's run): loaded from ``root/mini_deepseek-<key>/`` (``root`` defaults to
     :func:`artifacts_dir`) when a previous run saved it, else trained now (minutes on a CPU)
     and saved there as a Hugging Face checkpoint. Returned in eval mode on ``device``."""
-    config = config or PretrainConfig()
+    config = config or course_config()
     path = Path(root or artifacts_dir()) / f"mini_deepseek-{config.key()}"
     if (path / "config.json").exists():
         return load_hf_checkpoint(path, device=device)

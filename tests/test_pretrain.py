@@ -59,3 +59,13 @@ def test_configs_differ_by_key_and_validate():
         PretrainConfig(steps=0)
     with pytest.raises(ValueError, match="worked_fraction"):
         PretrainConfig(worked_fraction=1.5)
+
+
+def test_course_config_follows_the_scale(monkeypatch):
+    from course_utils.pretrain import course_config
+
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    assert course_config() == PretrainConfig()
+    monkeypatch.setenv("COURSE_SMOKE", "1")
+    assert course_config().steps < PretrainConfig().steps
+    assert course_config(seed=3).seed == 3
