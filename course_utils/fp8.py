@@ -383,11 +383,13 @@ def fp8_gemm_scaled_mm(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Ten
     if a_q.device.type == "cuda" and not scaled_mm_supported(a_q.device):
         raise RuntimeError(f"{a_q.device} has no FP8 GEMM (needs compute capability >= 8.9); "
                            "use fp8_gemm_blockwise")
+    out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+    if m == 0 or n == 0 or k == 0:
+        return out
     n_k, n_pad = -(-k // tile), -(-n // 16) * 16
     a_p = F.pad(a_q.view(torch.uint8), (0, n_k * tile - k)).view(a_q.dtype)
     b_p = F.pad(b_q.view(torch.uint8), (0, n_k * tile - k, 0, n_pad - n)).view(b_q.dtype)
     one = torch.ones((), dtype=torch.float32, device=a_q.device)
-    out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     for j in range(n_k):
         a_j = a_p[:, j * tile:(j + 1) * tile].contiguous()  # (M, tile), row-major
         b_j = b_p[:, j * tile:(j + 1) * tile].contiguous().t()  # (tile, N), column-major

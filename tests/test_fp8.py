@@ -311,6 +311,24 @@ def test_fp8_linear_scaled_mm_backend_matches_simulated():
     assert torch.allclose(y, sim(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not fp8.scaled_mm_supported("cuda"),
+                    reason="needs a CUDA GPU of compute capability >= 8.9")
+def test_scaled_mm_on_an_fp8_gpu():
+    a, b, a_q, a_s, b_q, b_s = _quantised_operands(n=70, k=200, tile=32)
+    got = fp8.fp8_gemm_scaled_mm(*(t.cuda() for t in (a_q, a_s, b_q, b_s)), 32).cpu()
+    want = fp8.fp8_gemm_blockwise(a_q, a_s, b_q, b_s, 32)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    layer = FP8Linear(200, 70, tile=32).cuda()
+    x = a.cuda().requires_grad_(True)
+    y = layer(x)
+    assert layer.last_backend == "scaled_mm"
+    sim = FP8Linear.from_linear(layer, tile=32, backend="simulated")
+    assert torch.allclose(y, sim(x), rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    assert layer(torch.zeros(0, 200, device="cuda")).shape == (0, 70)
+
+
 def test_fp8_linear_trains():
     torch.manual_seed(9)
     target = nn.Linear(32, 8)
