@@ -401,6 +401,33 @@ def test_convert_skip_patterns_and_training_step():
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_convert_works_on_mla_and_deepseek_moe():
+    from course_utils.mla import MLAConfig, MultiHeadLatentAttention
+    from course_utils.moe import DeepSeekMoE, MoEConfig
+
+    torch.manual_seed(11)
+    block = nn.ModuleDict({
+        "attn": MultiHeadLatentAttention(MLAConfig(hidden_size=64, num_attention_heads=4,
+                                                   kv_lora_rank=32, qk_nope_head_dim=16,
+                                                   qk_rope_head_dim=8, v_head_dim=16,
+                                                   q_lora_rank=48)),
+        "moe": DeepSeekMoE(MoEConfig(hidden_size=64, moe_intermediate_size=32,
+                                     n_routed_experts=8, num_experts_per_tok=2,
+                                     n_shared_experts=1, n_group=2, topk_group=1)),
+    })
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        want = block["moe"](block["attn"](x))
+    keys = list(block.state_dict())
+    convert_linears_to_fp8(block, tile=16)
+    assert list(block.state_dict()) == keys
+    n_fp8 = sum(isinstance(m, FP8Linear) for m in block.modules())
+    assert n_fp8 == 5 + 3 * 9  # MLA's q_a, q_b, kv_a, kv_b, o; 8 routed + 1 shared SwiGLU
+    with torch.no_grad():
+        got = block["moe"](block["attn"](x))
+    assert 0 < fp8.relative_error(got, want) < 0.1
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: fp8.quantize_tiles(torch.randn(4, 8), 0), "tile"),
     (lambda: fp8.quantize_tiles(torch.randn(4, 8), 2.5), "tile"),
