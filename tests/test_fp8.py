@@ -416,16 +416,19 @@ def test_convert_works_on_mla_and_deepseek_moe():
                                      n_shared_experts=1, n_group=2, topk_group=1)),
     })
     x = torch.randn(2, 10, 64)
-    with torch.no_grad():
-        want = block["moe"](block["attn"](x))
+    with torch.no_grad():  # the MoE gets the same input both times, so the same routing
+        want_attn, want_moe = block["attn"](x), block["moe"](x)
     keys = list(block.state_dict())
     convert_linears_to_fp8(block, tile=16)
     assert list(block.state_dict()) == keys
     n_fp8 = sum(isinstance(m, FP8Linear) for m in block.modules())
     assert n_fp8 == 5 + 3 * 9  # MLA's q_a, q_b, kv_a, kv_b, o; 8 routed + 1 shared SwiGLU
     with torch.no_grad():
-        got = block["moe"](block["attn"](x))
-    assert 0 < fp8.relative_error(got, want) < 0.1
+        got_attn, got_moe = block["attn"](x), block["moe"](x)
+    # FP8 is really on (errors of a few percent), and no worse than chained FP8 GEMMs explain:
+    # MLA runs two in a row on each path (q_a -> q_b, kv_a -> kv_b), then o_proj (6 % measured)
+    assert 0.01 < fp8.relative_error(got_attn, want_attn) < 0.1
+    assert 0.01 < fp8.relative_error(got_moe, want_moe) < 0.1
 
 
 @pytest.mark.parametrize("call, match", [
