@@ -202,10 +202,14 @@ def quantize_blockwise(x: Tensor, block: int | Sequence[int],
     ``dtype`` holding round(x / scale) (clamped to +-max, so it never overflows), and scales fp32
     (ceil(R / br), ceil(C / bc)) from :func:`block_scales`. ``x ~= q * scale`` block by block.
     """
-    scales = block_scales(x, block, dtype)
+    _check_matrix(x, "x")
+    _check_float(x, "x")
+    _check_fp8_dtype(dtype)
     (rows, cols), (br, bc) = x.shape, _check_block(block)
-    blocks = _padded_blocks(x, (br, bc)) / scales[:, None, :, None]
-    q = cast_to_fp8(blocks, dtype).view(scales.shape[0] * br, scales.shape[1] * bc)
+    blocks = _padded_blocks(x, (br, bc))  # computed in fp32
+    scales = _scales_from_amax(blocks.abs().amax(dim=(1, 3)), dtype)
+    q = cast_to_fp8(blocks / scales[:, None, :, None], dtype)
+    q = q.view(scales.shape[0] * br, scales.shape[1] * bc)
     return q[:rows, :cols].contiguous(), scales
 
 
