@@ -202,10 +202,14 @@ def quantize_blockwise(x: Tensor, block: int | Sequence[int],
     ``dtype`` holding round(x / scale) (clamped to +-max, so it never overflows), and scales fp32
     (ceil(R / br), ceil(C / bc)) from :func:`block_scales`. ``x ~= q * scale`` block by block.
     """
-    scales = block_scales(x, block, dtype)
+    _check_matrix(x, "x")
+    _check_float(x, "x")
+    _check_fp8_dtype(dtype)
     (rows, cols), (br, bc) = x.shape, _check_block(block)
-    blocks = _padded_blocks(x, (br, bc)) / scales[:, None, :, None]
-    q = cast_to_fp8(blocks, dtype).view(scales.shape[0] * br, scales.shape[1] * bc)
+    blocks = _padded_blocks(x, (br, bc))  # computed in fp32
+    scales = _scales_from_amax(blocks.abs().amax(dim=(1, 3)), dtype)
+    q = cast_to_fp8(blocks / scales[:, None, :, None], dtype)
+    q = q.view(scales.shape[0] * br, scales.shape[1] * bc)
     return q[:rows, :cols].contiguous(), scales
 
 
@@ -383,11 +387,13 @@ def fp8_gemm_scaled_mm(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Ten
     if a_q.device.type == "cuda" and not scaled_mm_supported(a_q.device):
         raise RuntimeError(f"{a_q.device} has no FP8 GEMM (needs compute capability >= 8.9); "
                            "use fp8_gemm_blockwise")
+    out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+    if m == 0 or n == 0 or k == 0:
+        return out
     n_k, n_pad = -(-k // tile), -(-n // 16) * 16
     a_p = F.pad(a_q.view(torch.uint8), (0, n_k * tile - k)).view(a_q.dtype)
     b_p = F.pad(b_q.view(torch.uint8), (0, n_k * tile - k, 0, n_pad - n)).view(b_q.dtype)
     one = torch.ones((), dtype=torch.float32, device=a_q.device)
-    out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     for j in range(n_k):
         a_j = a_p[:, j * tile:(j + 1) * tile].contiguous()  # (M, tile), row-major
         b_j = b_p[:, j * tile:(j + 1) * tile].contiguous().t()  # (tile, N), column-major
