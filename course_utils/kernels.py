@@ -63,6 +63,7 @@ __all__ = [
     "naive_attention",
     "online_softmax",
     "ridge_point",
+    "roofline_seconds",
     "rmsnorm_triton",
     "rmsnorm_triton_ptx",
     "tiled_attention",
@@ -327,6 +328,16 @@ def ridge_point(peak_flops: float, bandwidth: float) -> float:
     if peak_flops <= 0 or bandwidth <= 0:
         raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
     return peak_flops / bandwidth
+
+
+def roofline_seconds(op: Intensity, peak_flops: float, bandwidth: float) -> float:
+    """The roofline's lower bound on an operation's time: max(FLOPs / peak, bytes / bandwidth).
+
+    Intensity says which resource limits an operation; this says how long it takes at best.
+    """
+    if peak_flops <= 0 or bandwidth <= 0:
+        raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
+    return max(op.flops / peak_flops, op.bytes / bandwidth)
 
 
 def attainable_flops(intensity: float | np.ndarray, peak_flops: float, bandwidth: float
