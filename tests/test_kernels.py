@@ -358,6 +358,8 @@ def test_cuda_peak_memory_tiled_below_naive():
 
 def test_rmsnorm_triton_in_the_interpreter():
     """Triton's CPU interpreter runs the real kernel, where the triton package is installed."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the CUDA test runs the compiled kernel instead")
     try:
         import triton  # noqa: F401
     except Exception as err:
