@@ -7,12 +7,15 @@ The pieces, in the order notebook 24 builds them:
 - :class:`Intensity` and the ``*_intensity`` helpers: FLOPs, bytes and FLOPs per byte
   (arithmetic intensity) of the course's own operations: naive and tiled attention, an MLA
   decode step (naive vs absorbed), a routed MoE expert, plain and FP8 GEMMs.
-  :func:`attainable_flops` and :func:`ridge_point` place them on a roofline.
+  :func:`attainable_flops`, :func:`ridge_point` and :func:`roofline_seconds` place them on a
+  roofline.
 - :func:`online_softmax` and :func:`tiled_attention`: attention computed tile by tile with a
   running max and a running sum (the idea behind FlashAttention), in plain PyTorch, so the
   (seq x seq) score matrix never exists. :func:`attention_memory` counts what that saves and
   :func:`largest_intermediate_bytes` (any device) / :func:`cuda_peak_memory_bytes` (CUDA)
-  measure it.
+  measure it; :func:`trace_new_tensors` lists every tensor eager code writes on the way.
+- :class:`NormSwiGLUBlock`: RMSNorm + SwiGLU with a residual, the ``torch.compile`` fusion
+  example.
 - :func:`triton_available` and :func:`rmsnorm_triton`: a fused RMSNorm written in Triton, for
   CUDA GPUs. Importing this module never needs Triton; the functions say why they cannot run.
 - :func:`torch_compile_available`: whether ``torch.compile`` works here (on the CPU it needs a
