@@ -7,12 +7,15 @@ The pieces, in the order notebook 24 builds them:
 - :class:`Intensity` and the ``*_intensity`` helpers: FLOPs, bytes and FLOPs per byte
   (arithmetic intensity) of the course's own operations: naive and tiled attention, an MLA
   decode step (naive vs absorbed), a routed MoE expert, plain and FP8 GEMMs.
-  :func:`attainable_flops` and :func:`ridge_point` place them on a roofline.
+  :func:`attainable_flops`, :func:`ridge_point` and :func:`roofline_seconds` place them on a
+  roofline.
 - :func:`online_softmax` and :func:`tiled_attention`: attention computed tile by tile with a
   running max and a running sum (the idea behind FlashAttention), in plain PyTorch, so the
   (seq x seq) score matrix never exists. :func:`attention_memory` counts what that saves and
   :func:`largest_intermediate_bytes` (any device) / :func:`cuda_peak_memory_bytes` (CUDA)
-  measure it.
+  measure it; :func:`trace_new_tensors` lists every tensor eager code writes on the way.
+- :class:`NormSwiGLUBlock`: RMSNorm + SwiGLU with a residual, the ``torch.compile`` fusion
+  example.
 - :func:`triton_available` and :func:`rmsnorm_triton`: a fused RMSNorm written in Triton, for
   CUDA GPUs. Importing this module never needs Triton; the functions say why they cannot run.
 - :func:`torch_compile_available`: whether ``torch.compile`` works here (on the CPU it needs a
@@ -63,6 +66,7 @@ __all__ = [
     "naive_attention",
     "online_softmax",
     "ridge_point",
+    "roofline_seconds",
     "rmsnorm_triton",
     "rmsnorm_triton_ptx",
     "tiled_attention",
@@ -327,6 +331,16 @@ def ridge_point(peak_flops: float, bandwidth: float) -> float:
     if peak_flops <= 0 or bandwidth <= 0:
         raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
     return peak_flops / bandwidth
+
+
+def roofline_seconds(op: Intensity, peak_flops: float, bandwidth: float) -> float:
+    """The roofline's lower bound on an operation's time: max(FLOPs / peak, bytes / bandwidth).
+
+    Intensity says which resource limits an operation; this says how long it takes at best.
+    """
+    if peak_flops <= 0 or bandwidth <= 0:
+        raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
+    return max(op.flops / peak_flops, op.bytes / bandwidth)
 
 
 def attainable_flops(intensity: float | np.ndarray, peak_flops: float, bandwidth: float
