@@ -21,6 +21,8 @@ from . import (
     tokenizer,
     train,
 )
+from . import fp8 as fp8  # notebook 20
+from . import kernels as kernels  # notebook 24
 from . import moe as moe  # notebooks 16-18
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .cache import KVCache

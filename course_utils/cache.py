@@ -50,6 +50,15 @@ class BaseCache:
         """Forget every cached token (the buffers stay allocated) before a new prompt."""
         self.length = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached tokens (speculative decoding rolls back the
+        draft tokens the model rejected). The buffers past ``length`` are simply overwritten
+        by the next append."""
+        if not isinstance(length, int) or not 0 <= length <= self.length:
+            raise ValueError(f"length must be an int in [0, {self.length}] (the tokens cached "
+                             f"now), got {length!r}")
+        self.length = length
+
     def _reserve(self, n_new: int, batch_size: int) -> tuple[int, int]:
         if batch_size != self.batch_size:
             raise ValueError(

@@ -18,9 +18,12 @@ Layouts met on the way (checked against transformers 5 in ``tests/test_checkpoin
   at run time, never the weights; a V3 config with ``rope_interleave: false`` means half-split
   rows, and our MLA then rotates half-split too.
 - Multi-token prediction: V3 stores its MTP modules as extra layers
-  ``model.layers.{num_hidden_layers + k}.*``. The model here has no MTP modules yet, so those
-  tensors are skipped with a warning, and ``num_nextn_predict_layers`` records how many the file
-  held (transformers writes 1 in every V3 config even when it saves none).
+  ``model.layers.{num_hidden_layers + k}.*``, each with its own copy of the embedding and the
+  output head (``embed_tokens``, ``shared_head.head``). They load into ``model.mtp[k]`` (the
+  copies are dropped: the modules share the main model's) and are written back the same way.
+  ``num_nextn_predict_layers`` is set from the layers the file holds, not from config.json
+  (transformers writes 1 in every V3 config even when it saves none). transformers itself
+  does not run MTP layers.
 
 :func:`save_training_state` / :func:`load_training_state` keep model, optimizer and every RNG
 state (tensors in safetensors, scalars in JSON) so a resumed run continues bit-identically.
@@ -126,6 +129,49 @@ def _layer_index(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_MTP_KEY = re.compile(r"^mtp\.(\d+)\.(.*)$")
+#: Tensors a released V3 MTP layer stores although they equal the main model's.
+_MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight",
+               "shared_head.head.weight": "lm_head.weight"}
+
+
+def _mtp_from_hub(tensors: dict[str, Tensor], num_hidden_layers: int
+                  ) -> tuple[dict[str, Tensor], int]:
+    """Rename V3's MTP layers ``model.layers.{L + k}.*`` to our ``mtp.{k}.*``; drop their copies
+    of the shared embedding and head. Returns the tensors and the MTP depth found."""
+    out, depths = {}, set()
+    for key, value in tensors.items():
+        i = _layer_index(key)
+        if i is None or i < num_hidden_layers:
+            out[key] = value
+            continue
+        k, rest = i - num_hidden_layers, key.split(".", 3)[3]
+        depths.add(k)
+        if rest not in _MTP_SHARED:
+            out[f"mtp.{k}.{rest}"] = value
+    if depths and depths != set(range(len(depths))):
+        raise ValueError(f"MTP layers must be numbered {num_hidden_layers} .. without gaps, "
+                         f"found offsets {sorted(depths)}")
+    return out, len(depths)
+
+
+def _mtp_to_hub(state: dict[str, Tensor], num_hidden_layers: int) -> dict[str, Tensor]:
+    """Our ``mtp.{k}.*`` as the release stores it: ``model.layers.{L + k}.*``, with the layer's
+    own copies of the embedding and the output head."""
+    out = {}
+    for key, value in state.items():
+        m = _MTP_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        layer = f"model.layers.{num_hidden_layers + int(m.group(1))}."
+        out[layer + m.group(2)] = value
+        for own, shared in _MTP_SHARED.items():
+            source = state.get(shared, state["model.embed_tokens.weight"])
+            out.setdefault(layer + own, source.clone())
+    return out
+
+
 def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> DeepSeekForCausalLM:
     """Load a Hugging Face DeepSeek-V2 or -V3 checkpoint directory into the course model.
@@ -151,16 +197,7 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
                          "a quantized checkpoint; dequantize it to bf16/fp32 first")
     # RoPE tables are recomputed from the config; some older files carry them.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-    mtp_layers = sorted({i for k in tensors if (i := _layer_index(k)) is not None
-                         and i >= config.num_hidden_layers})
-    if mtp_layers:
-        warnings.warn(
-            f"skipping the multi-token-prediction layers {mtp_layers} (model.layers."
-            f"{config.num_hidden_layers}+): this model has no MTP modules", stacklevel=2)
-        tensors = {k: v for k, v in tensors.items()
-                   if (i := _layer_index(k)) is None or i < config.num_hidden_layers}
-    config.num_nextn_predict_layers = len(mtp_layers)
-
+    tensors, config.num_nextn_predict_layers = _mtp_from_hub(tensors, config.num_hidden_layers)
     with torch.device(device or "cpu"):
         model = DeepSeekForCausalLM(config)
     if dtype is not None:
@@ -212,6 +249,7 @@ def save_hf_checkpoint(model: DeepSeekForCausalLM, path: str | Path,
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    state = _mtp_to_hub(state, config.num_hidden_layers)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     hf = config.to_hf()
     hf["torch_dtype"] = dtype

@@ -30,7 +30,8 @@ from .layers import RMSNorm, SwiGLU
 from .mla import LatentCache, MultiHeadLatentAttention
 from .moe import DeepSeekMoE
 
-__all__ = ["DeepSeekDecoderLayer", "DeepSeekForCausalLM", "DeepSeekModel", "FP32_BUFFERS"]
+__all__ = ["DeepSeekDecoderLayer", "DeepSeekForCausalLM", "DeepSeekModel", "FP32_BUFFERS",
+           "MTPLayer"]
 
 #: Buffers that stay float32 when the model is cast to a lower precision: the V3 router's
 #: correction bias (its 0.001 steps vanish in bfloat16), the load counts it is updated from,
@@ -45,19 +46,54 @@ class DeepSeekDecoderLayer(nn.Module):
     ``first_k_dense_replace`` and a :class:`DeepSeekMoE` after. x: (batch, t, hidden) -> same.
     """
 
-    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+    def __init__(self, config: DeepSeekConfig, layer_idx: int, moe: bool | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MultiHeadLatentAttention(config.mla_config())
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (DeepSeekMoE(config.moe_config()) if config.is_moe_layer(layer_idx)
+        if moe is None:
+            moe = config.is_moe_layer(layer_idx)
+        self.mlp: nn.Module = (DeepSeekMoE(config.moe_config()) if moe
                                else SwiGLU(config.hidden_size, config.intermediate_size))
 
     def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool = False
                 ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, absorb=absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(DeepSeekDecoderLayer):
+    """One DeepSeek-V3 multi-token-prediction module (technical report, section 2.2).
+
+    Depth k combines the previous depth's hidden state h (batch, t, hidden) with the embedding
+    of the token k steps ahead, e (batch, t, hidden):
+    ``block(eh_proj(concat(enorm(e), hnorm(h))))``, then ``shared_head.norm`` before the shared
+    output head. The concatenation puts the **embedding first**, as the released V3 weights
+    do (the paper's equation 21 writes the hidden state first; the ``eh_proj`` columns of the
+    checkpoint follow the embedding-first order). The block is a full decoder layer, MoE when
+    the model has MoE layers. Names follow the release: ``enorm``, ``hnorm``, ``eh_proj``,
+    ``shared_head.norm``, and the block's own ``self_attn`` / ``mlp`` / norms.
+    """
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx, moe=config.num_moe_layers > 0)
+        h = config.hidden_size
+        self.enorm = RMSNorm(h, config.rms_norm_eps)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(self, hidden: Tensor, next_embeds: Tensor,  # type: ignore[override]
+                cache: LatentCache | None = None, absorb: bool = False) -> Tensor:
+        """hidden, next_embeds: (batch, t, hidden) -> this depth's hidden (batch, t, hidden),
+        before ``shared_head.norm``."""
+        if hidden.shape != next_embeds.shape:
+            raise ValueError(f"hidden and next_embeds must have one shape, got "
+                             f"{tuple(hidden.shape)} and {tuple(next_embeds.shape)}")
+        x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
+        return super().forward(x, cache, absorb)
 
 
 class DeepSeekModel(nn.Module):
@@ -101,8 +137,10 @@ class DeepSeekForCausalLM(nn.Module):
 
     ``model(input_ids, caches=None) -> logits`` (batch, t, vocab), in the dtype of the weights.
     ``absorb`` (attribute, default False) makes every MLA layer use weight absorption; results
-    are the same either way. Multi-token prediction modules (``num_nextn_predict_layers``) are
-    not part of this class yet: :meth:`forward_with_hidden` is the hook they attach to.
+    are the same either way. Multi-token prediction modules (``num_nextn_predict_layers``
+    > 0) live in ``self.mtp`` (see :mod:`course_utils.mtp`): they share
+    ``model.embed_tokens`` and ``lm_head`` and consume :meth:`forward_with_hidden`'s hidden
+    states; plain ``forward`` never runs them.
     """
 
     def __init__(self, config: DeepSeekConfig) -> None:
@@ -111,6 +149,8 @@ class DeepSeekForCausalLM(nn.Module):
         self.absorb = False
         self.model = DeepSeekModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -67,11 +67,15 @@ def train_language_model(
     after_step: Callable[[nn.Module, int], None] | None = None,
     progress: bool = True,
     desc: str = "training",
+    compute_loss: Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> TrainResult:
     """Train ``model`` (input_ids -> logits) for ``steps`` steps on batches from ``get_batch``.
 
     ``get_batch()`` returns (inputs, targets), each (b, t) on the model's device; targets of
     -100 are ignored. Returns the per-step losses (the language-model term only).
+    ``compute_loss(model, x, y) -> (lm_loss, total_loss)`` replaces the plain next-token loss
+    when a method needs the batch itself (multi-token prediction, :mod:`course_utils.mtp`);
+    ``extra_loss(model)`` is added to the total in either case.
     """
     import time
 
@@ -87,8 +91,12 @@ def train_language_model(
         for group in optimizer.param_groups:
             group["lr"] = step_lr
         x, y = get_batch()
-        loss = language_model_loss(model(x), y)
-        total = loss + extra_loss(model) if extra_loss is not None else loss
+        if compute_loss is None:
+            loss = total = language_model_loss(model(x), y)
+        else:
+            loss, total = compute_loss(model, x, y)
+        if extra_loss is not None:
+            total = total + extra_loss(model)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if grad_clip is not None:

@@ -127,6 +127,9 @@ def test_state_dict_keys_are_the_checkpoint_keys(saved):
             expected.discard("lm_head.weight")
         assert keys == expected, name
         assert "model.layers.2.mlp.experts.7.gate_proj.weight" in keys  # per-expert on disk
+    half = load_hf_checkpoint(saved["v3_qlora_groups_dense1"][1], dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in half.moe_layers())
 
 
 def test_course_model_exports_to_transformers(tmp_path):
@@ -238,22 +241,46 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(saved, tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
-def test_mtp_layers_are_skipped_with_a_warning(saved, tmp_path):
+def test_mtp_layers_round_trip_in_the_release_layout(saved, tmp_path):
+    """MTP depth 1 is written as layer num_hidden_layers with its own copies of the embedding
+    and head (as DeepSeek-V3's release stores it), loads back into model.mtp[0] exactly, and
+    transformers (which does not run MTP) still loads the file with equal logits."""
+    torch.manual_seed(0)
+    ours = DeepSeekForCausalLM(DeepSeekConfig.preset("cpu", vocab_size=16,
+                                                     num_nextn_predict_layers=1)).eval()
+    _randomize(ours, 6)
+    save_hf_checkpoint(ours, tmp_path / "mtp")
+    from safetensors.torch import load_file
+    written = load_file(tmp_path / "mtp" / "model.safetensors")
+    layer = f"model.layers.{ours.config.num_hidden_layers}."
+    assert torch.equal(written[layer + "eh_proj.weight"], ours.mtp[0].eh_proj.weight)
+    assert torch.equal(written[layer + "embed_tokens.weight"], ours.model.embed_tokens.weight)
+    assert torch.equal(written[layer + "shared_head.head.weight"], ours.lm_head.weight)
+    again = load_hf_checkpoint(tmp_path / "mtp")
+    assert again.config.num_nextn_predict_layers == 1
+    for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mtp").eval()
+    ids = IDS % 16
+    with torch.no_grad():
+        assert _rel(hf(ids).logits, ours(ids)) < 1e-5
+
+
+def test_incomplete_mtp_layers_are_named(saved, tmp_path):
     hf, path = saved["v3_qlora_groups_dense1"]
 
-    def add_mtp(t):  # V3 stores MTP depth 1 as layer num_hidden_layers (here 3)
+    def add_mtp(t):  # half an MTP layer at index num_hidden_layers (here 3)
         t["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
         t["model.layers.3.enorm.weight"] = torch.ones(32)
     mtp = _copy_with(path, tmp_path / "mtp", add_mtp)
-    with pytest.warns(UserWarning, match=r"multi-token-prediction layers \[3\]"):
-        ours = load_hf_checkpoint(mtp)
-    assert ours.config.num_nextn_predict_layers == 1
+    with pytest.raises(ValueError, match=r"mtp\.0\.hnorm\.weight"):
+        load_hf_checkpoint(mtp)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain = load_hf_checkpoint(path)  # transformers writes num_nextn_predict_layers=1 ...
     assert plain.config.num_nextn_predict_layers == 0  # ... but saved no MTP weights
     with torch.no_grad():
-        assert _rel(ours(IDS), hf(IDS).logits) < 1e-5
+        assert _rel(plain(IDS), hf(IDS).logits) < 1e-5
 
 
 def test_layout_mistakes_are_caught(saved):

@@ -128,7 +128,7 @@ def test_presets_and_dense_baseline():
     model = DeepSeekForCausalLM(cpu)
     total, active = model.num_parameters(), model.num_active_parameters()
     assert 300_000 <= total <= 400_000 and active < 0.6 * total
-    assert len(model.moe_layers()) == cpu.num_moe_layers == 3
+    assert len(model.moe_layers()) == cpu.num_moe_layers == 2
     dense_cfg = cpu.dense_baseline()
     dense = DeepSeekForCausalLM(dense_cfg)
     assert dense.moe_layers() == [] and dense.num_parameters() == dense.num_active_parameters()
@@ -206,7 +206,9 @@ def test_cached_chunks_equal_the_full_forward_and_absorb_changes_nothing():
         other = ids.clone()
         other[:, -1] = (other[:, -1] + 1) % 24
         changed = model(other)
-        assert torch.equal(changed[:, :-1], full[:, :-1]) and not torch.equal(changed, full)
+        # (Not bit-equal: the experts' matmuls see a different set of rows.)
+        assert _rel(changed[:, :-1], full[:, :-1]) < 1e-6
+        assert _rel(changed[:, -1], full[:, -1]) > 1e-3
 
 
 def test_forward_with_hidden_is_the_pre_norm_residual_stream():

@@ -8,6 +8,8 @@ every checker is importable from here.
 from ._feedback import Feedback, call_learner, compare_tensors, not_attempted
 from .attention import *  # noqa: F403  notebooks 02-06
 from .basics import *  # noqa: F403  notebooks 00-01
+from .fp8 import *  # noqa: F403  notebook 20
+from .gpu import *  # noqa: F403  notebook 24
 from .kv_cache import *  # noqa: F403  notebooks 05, 07-09
 from .moe import *  # noqa: F403  notebooks 16-18
 from .positions_mla import *  # noqa: F403  notebooks 10-15

@@ -1,0 +1,71 @@
+"""The pretraining run of notebook 21: bit-identical resume, the cached checkpoint of
+load_or_pretrain, and argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from course_utils.pretrain import PretrainConfig, Pretrainer, load_or_pretrain
+
+SMALL = PretrainConfig(overrides=(("num_hidden_layers", 2),), steps=6, batch_size=8,
+                       n_train_lines=300, eval_every=3, n_eval_problems=8)
+
+
+def test_resumed_run_equals_the_straight_run(tmp_path):
+    straight = Pretrainer(SMALL)
+    straight.train(progress=False)
+    first = Pretrainer(SMALL)
+    first.train(3, progress=False)
+    first.save(tmp_path / "half")
+    torch.manual_seed(123)  # the resume must restore the RNG, whatever happened since
+    second = Pretrainer.resume(tmp_path / "half")
+    assert second.step == 3
+    second.train(progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert second.history.loss == straight.history.loss
+    assert second.history.eval_steps == [3, 6]
+
+
+def test_history_records_loads_and_evaluations():
+    run = Pretrainer(SMALL)
+    run.train(progress=False)
+    loads = run.loads_tensor()
+    assert loads.shape == (6, 1, run.model.config.n_routed_experts)  # 1 dense + 1 MoE layer
+    torch.testing.assert_close(loads.sum(-1), torch.ones(6, 1))
+    assert len(run.history.accuracy) == 2 and all(0 <= a <= 1 for a in run.history.accuracy)
+    with pytest.raises(ValueError, match="n_steps"):
+        run.train(1)
+
+
+def test_load_or_pretrain_trains_once_then_loads(tmp_path):
+    model = load_or_pretrain(SMALL, root=tmp_path, progress=False)
+    (saved,) = tmp_path.iterdir()
+    assert saved.name == f"mini_deepseek-{SMALL.key()}"
+    again = load_or_pretrain(SMALL, root=tmp_path, progress=False)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+
+
+def test_configs_differ_by_key_and_validate():
+    assert SMALL.key() != dataclasses.replace(SMALL, steps=7).key()
+    dense = Pretrainer(dataclasses.replace(SMALL, dense=True))
+    assert not dense.model.moe_layers() and dense.balancer is None
+    with pytest.raises(ValueError, match="steps"):
+        PretrainConfig(steps=0)
+    with pytest.raises(ValueError, match="worked_fraction"):
+        PretrainConfig(worked_fraction=1.5)
+
+
+def test_course_config_follows_the_scale(monkeypatch):
+    from course_utils.pretrain import course_config
+
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    assert course_config() == PretrainConfig()
+    monkeypatch.setenv("COURSE_SMOKE", "1")
+    assert course_config().steps < PretrainConfig().steps
+    assert course_config(seed=3).seed == 3
