@@ -30,9 +30,7 @@ from .generation import CausalLM, generate
 from .rl import completion_mask
 from .train import (
     TrainResult,
-    _param_groups,
     language_model_loss,
-    lr_schedule,
     train_language_model,
 )
 
@@ -283,35 +281,19 @@ def train_logit_distillation(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    optimizer = torch.optim.AdamW(_param_groups(student, weight_decay), lr=lr,
-                                  betas=(0.9, 0.95))
     teacher.eval()
-    student.train()
-    result = TrainResult()
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
-    for step in bar:
-        step_lr = lr_schedule(step, steps, lr, warmup_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        x, y = get_batch()
+
+    def compute_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             teacher_logits = teacher(x)
-        logits = student(x)
+        logits = model(x)
         kl = distillation_kl(logits, teacher_logits, temperature, direction, mask=y != -100)
         loss = alpha * kl + (1 - alpha) * language_model_loss(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
-        optimizer.step()
-        result.losses.append(loss.item())
-        result.lrs.append(step_lr)
-        if step % 20 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    student.eval()
-    result.seconds = time.perf_counter() - start
-    return result
+        return loss, loss
+
+    return train_language_model(student, get_batch, steps, lr=lr, weight_decay=weight_decay,
+                                warmup_frac=warmup_frac, grad_clip=grad_clip,
+                                progress=progress, desc=desc, compute_loss=compute_loss)
 
 
 def train_on_policy_distillation(
