@@ -9,26 +9,14 @@ Shapes: activations (M, K) = (512, 1024), weights (N, K) = (1024, 1024), tile 12
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from course_utils import fp8
+from course_utils.kernels import median_seconds
 
 _M, _N, _K, _TILE = 512, 1024, 1024, 128
 
 
-def _median_seconds(fn, repeats: int, sync=lambda: None) -> float:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _error_rows() -> list[dict]:
@@ -82,11 +70,10 @@ def _cuda_rows(repeats: int) -> list[dict]:
         out = torch._scaled_mm(a_q, w_col, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         return out[0] if isinstance(out, tuple) else out
 
-    sync = torch.cuda.synchronize
-    t_bf16 = _median_seconds(lambda: a_bf @ w_bf.T, repeats, sync)
-    t_fp8 = _median_seconds(scaled_mm, repeats, sync)
-    t_block = _median_seconds(lambda: fp8.fp8_gemm_scaled_mm(a_q, a_s, w_q, w_s, _TILE),
-                              max(1, repeats // 3), sync)
+    t_bf16 = median_seconds(lambda: a_bf @ w_bf.T, repeats, device=device)
+    t_fp8 = median_seconds(scaled_mm, repeats, device=device)
+    t_block = median_seconds(lambda: fp8.fp8_gemm_scaled_mm(a_q, a_s, w_q, w_s, _TILE),
+                              max(1, repeats // 3), device=device)
     flops = 2 * size**3
     name = torch.cuda.get_device_name(device)
     return [
@@ -108,14 +95,14 @@ def run(quick: bool = False) -> list[dict]:
     a, w = torch.randn(_M, _K), torch.randn(_N, _K) * 0.02
     a_q, a_s = fp8.quantize_tiles(a, _TILE)
     w_q, w_s = fp8.quantize_blocks(w, _TILE)
-    t_fp32 = _median_seconds(lambda: a @ w.T, repeats)
-    t_gemm = _median_seconds(lambda: fp8.fp8_gemm_blockwise(a_q, a_s, w_q, w_s, _TILE), repeats)
-    t_quant = _median_seconds(lambda: (fp8.quantize_tiles(a, _TILE),
+    t_fp32 = median_seconds(lambda: a @ w.T, repeats)
+    t_gemm = median_seconds(lambda: fp8.fp8_gemm_blockwise(a_q, a_s, w_q, w_s, _TILE), repeats)
+    t_quant = median_seconds(lambda: (fp8.quantize_tiles(a, _TILE),
                                        fp8.quantize_blocks(w, _TILE)), repeats)
     linear = torch.nn.Linear(_K, _N, bias=False)
     fp8_linear = fp8.FP8Linear.from_linear(linear, tile=_TILE, backend="simulated")
-    t_lin = _median_seconds(lambda: linear(a), repeats)
-    t_fp8_lin = _median_seconds(lambda: fp8_linear(a), repeats)
+    t_lin = median_seconds(lambda: linear(a), repeats)
+    t_fp8_lin = median_seconds(lambda: fp8_linear(a), repeats)
     flops = 2 * _M * _N * _K
     rows = [
         {"what": f"fp32 matmul ({_M}x{_K}) @ ({_K}x{_N})", "value": flops / t_fp32 / 1e9,

@@ -7,11 +7,9 @@ float32, 2048 tokens (batch 8 x 256). The dense FFN has the same active width, (
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from course_utils.kernels import median_seconds
 from course_utils.layers import SwiGLU
 from course_utils.moe import DeepSeekMoE, MoEConfig, dispatch_reference, dispatch_vectorized
 
@@ -20,14 +18,6 @@ _CONFIG = MoEConfig(hidden_size=256, moe_intermediate_size=128, n_routed_experts
                     routed_scaling_factor=2.5)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -48,13 +38,13 @@ def run(quick: bool = False) -> list[dict]:
         dispatch_reference(flat[:loop_tokens], layer.experts, routing.indices[:loop_tokens],
                            routing.weights[:loop_tokens])
 
-    t_fast = _median_seconds(fast, repeats) / n_tokens
-    t_loop = _median_seconds(loop, max(1, repeats // 5)) / loop_tokens
+    t_fast = median_seconds(fast, repeats) / n_tokens
+    t_loop = median_seconds(loop, max(1, repeats // 5)) / loop_tokens
     active_width = (_CONFIG.num_experts_per_tok + _CONFIG.n_shared_experts) * \
         _CONFIG.moe_intermediate_size
     dense = SwiGLU(_CONFIG.hidden_size, active_width).eval()
-    t_moe = _median_seconds(lambda: layer(x), repeats) / n_tokens
-    t_dense = _median_seconds(lambda: dense(x), repeats) / n_tokens
+    t_moe = median_seconds(lambda: layer(x), repeats) / n_tokens
+    t_dense = median_seconds(lambda: dense(x), repeats) / n_tokens
     return [
         {"what": "routed dispatch, vectorised (sort + index_add)", "value": 1 / t_fast,
          "unit": "tok/s", "note": f"{n_tokens} tokens, loop over 16 experts"},

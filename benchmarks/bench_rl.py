@@ -9,25 +9,13 @@ forward + backward of the clipped loss, one AdamW update (beta = 0: no reference
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from course_utils.arithmetic import ArithmeticTask
 from course_utils.decoder import DecoderConfig, TinyDecoder
 from course_utils.generation import generate
+from course_utils.kernels import median_seconds
 from course_utils.rl import GRPOConfig, grpo_step, sample_groups
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -44,14 +32,14 @@ def run(quick: bool = False) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
 
-    t_sample = _median_seconds(
+    t_sample = median_seconds(
         lambda: sample_groups(model, prompts, config.group_size, max_new, 1.0, None, g), repeats)
     repeated = prompts.repeat_interleave(config.group_size, 0)
-    t_nocache = _median_seconds(
+    t_nocache = median_seconds(
         lambda: generate(model, repeated, max_new, temperature=1.0, use_cache=False,
                          generator=g), max(1, repeats // 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    t_step = _median_seconds(
+    t_step = median_seconds(
         lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
     tokens = rows * max_new
     return [
