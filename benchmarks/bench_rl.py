@@ -1,8 +1,9 @@
 """GRPO on the arithmetic task: steps per second, and sampled tokens per second with and without
 the KV cache.
 
-Policy: a TinyDecoder of ~342K parameters (hidden 96, 3 layers, 4 heads, character vocabulary
-of 16), untrained, so every completion runs to max_new_tokens (34): the worst case for a step.
+Policy: the course's mini-DeepSeek (``DeepSeekConfig.preset("cpu")``: MLA, 1 dense + 2 MoE
+layers, character vocabulary of 16), untrained, so every completion runs to max_new_tokens (34):
+the worst case for a step.
 One GRPO step = 16 prompts x 8 samples (128 completions), rewards, group advantages, one full
 forward + backward of the clipped loss, one AdamW update (beta = 0: no reference forward).
 """
@@ -12,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from course_utils.arithmetic import ArithmeticTask
-from course_utils.decoder import DecoderConfig, TinyDecoder
+from course_utils.config import DeepSeekConfig
 from course_utils.generation import generate
 from course_utils.kernels import median_seconds
+from course_utils.model import DeepSeekForCausalLM
 from course_utils.rl import GRPOConfig, grpo_step, sample_groups
 
 
@@ -22,8 +24,7 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     repeats = 2 if quick else 7
     task = ArithmeticTask()
-    model = TinyDecoder(DecoderConfig(task.vocab_size, hidden_size=96, num_hidden_layers=3,
-                                      num_attention_heads=4, max_position_embeddings=64)).eval()
+    model = DeepSeekForCausalLM(DeepSeekConfig.preset("cpu", vocab_size=task.vocab_size)).eval()
     config = GRPOConfig(prompts_per_step=16, group_size=8, lr=1e-4)
     problems = task.problems(16, seed=0)
     prompts = task.encode_prompts(problems)
@@ -42,8 +43,10 @@ def run(quick: bool = False) -> list[dict]:
     t_step = median_seconds(
         lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
     tokens = rows * max_new
+    n_params = model.num_parameters()
     return [
-        {"what": "GRPO step (16 prompts x 8 samples, 342K-param decoder)", "value": 1 / t_step,
+        {"what": f"GRPO step (16 prompts x 8 samples, mini-DeepSeek {n_params / 1e3:.0f}K)",
+         "value": 1 / t_step,
          "unit": "steps/s", "note": f"{t_step * 1e3:.0f} ms/step, threads={threads}"},
         {"what": "sampled tokens, KV cache", "value": tokens / t_sample, "unit": "tok/s",
          "note": f"{rows} rows x {max_new} tokens"},
