@@ -10,6 +10,7 @@ from .attention import *  # noqa: F403  notebooks 02-06
 from .basics import *  # noqa: F403  notebooks 00-01
 from .kv_cache import *  # noqa: F403  notebooks 05, 07-09
 from .moe import *  # noqa: F403  notebooks 16-18
+from .mtp import *  # noqa: F403  notebook 19
 from .positions_mla import *  # noqa: F403  notebooks 10-15
 
 __all__ = ["Feedback", "call_learner", "compare_tensors", "not_attempted"]
