@@ -27,11 +27,14 @@ This module has each piece separately so notebook 22 can build and test it term 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,10 @@ __all__ = [
     "GRPOHistory",
     "grpo_step",
     "train_grpo",
+    "grpo_training_problems",
+    "load_or_train_grpo",
+    "grpo_checkpoint_path",
+    "save_grpo_checkpoint",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -612,3 +619,84 @@ def train_grpo(
                 evaluate(step + 1)
     history.seconds = time.perf_counter() - start
     return history
+
+
+# --------------------------------------------------------------------------------------------
+# The course's GRPO-tuned model (notebook 22), for notebook 23
+# --------------------------------------------------------------------------------------------
+
+
+def grpo_training_problems(n: int = 4096, seed: int = 0) -> list[ArithmeticProblem]:
+    """The prompt pool notebook 22's run draws from: ``n`` training-split problems (never the
+    held-out test split) of the course task."""
+    return ArithmeticTask().problems(n, seed=seed, split="train")
+
+
+def load_or_train_grpo(
+    pretrain_config: object | None = None,
+    grpo_config: GRPOConfig | None = None,
+    device: torch.device | str | None = None,
+    steps: int = 150,
+    seed: int = 0,
+    root: str | Path | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """The GRPO-tuned mini-DeepSeek of notebook 22, loaded from ``root/grpo-<pretrain key>/``
+    (``root`` defaults to :func:`course_utils.pretrain.artifacts_dir`) when saved, else made
+    now: :func:`course_utils.pretrain.load_or_pretrain` of ``pretrain_config`` (default
+    :func:`~course_utils.pretrain.course_config`), then :func:`train_grpo` for ``steps`` steps
+    of ``grpo_config`` (default :class:`GRPOConfig`) on :func:`grpo_training_problems`, with
+    ``seed``; saved as a Hugging Face checkpoint with ``grpo_run.json`` naming the run.
+    Returned in eval mode on ``device``.
+
+    A saved checkpoint made with other GRPO settings raises ``ValueError`` instead of being
+    returned silently.
+    """
+    from .checkpoint import load_hf_checkpoint
+    from .pretrain import course_config, load_or_pretrain
+
+    pretrain_config = pretrain_config or course_config()
+    grpo_config = grpo_config or GRPOConfig()
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    path = grpo_checkpoint_path(pretrain_config, root)
+    run = _grpo_run(pretrain_config, grpo_config, steps, seed)
+    if (path / "config.json").exists() and (path / "grpo_run.json").exists():
+        saved = json.loads((path / "grpo_run.json").read_text())
+        if saved != run:
+            raise ValueError(f"{path} holds a GRPO run with other settings ({saved}); delete it "
+                             "or pass another root to train this one")
+        return load_hf_checkpoint(path, device=device).eval()
+    policy = load_or_pretrain(pretrain_config, device, root=root,  # type: ignore[arg-type]
+                              progress=progress)
+    train_grpo(policy, grpo_training_problems(seed=seed), steps, grpo_config, seed=seed,
+               progress=progress, desc="GRPO (notebook 22's run)")
+    save_grpo_checkpoint(policy, pretrain_config, grpo_config, steps, seed, root)
+    return policy.eval()
+
+
+def _grpo_run(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int) -> dict:
+    run = {"pretrain_key": pretrain_config.key(),  # type: ignore[attr-defined]
+           "grpo_config": dataclasses.asdict(grpo_config), "steps": steps, "seed": seed}
+    return json.loads(json.dumps(run))  # as it reads back from disk
+
+
+def grpo_checkpoint_path(pretrain_config: object, root: str | Path | None = None) -> Path:
+    """``root/grpo-<pretrain key>``: where notebook 22 saves its GRPO-tuned model (``root``
+    defaults to :func:`course_utils.pretrain.artifacts_dir`)."""
+    from .pretrain import artifacts_dir
+
+    return Path(root or artifacts_dir()) / f"grpo-{pretrain_config.key()}"  # type: ignore
+
+
+def save_grpo_checkpoint(policy: nn.Module, pretrain_config: object, grpo_config: GRPOConfig,
+                         steps: int, seed: int, root: str | Path | None = None) -> Path:
+    """Save a GRPO-tuned model where :func:`load_or_train_grpo` finds it, with
+    ``grpo_run.json`` recording the run (pretrain key, GRPO settings, steps, seed)."""
+    from .checkpoint import save_hf_checkpoint
+
+    path = grpo_checkpoint_path(pretrain_config, root)
+    save_hf_checkpoint(policy, path)  # type: ignore[arg-type]
+    run = _grpo_run(pretrain_config, grpo_config, steps, seed)
+    (path / "grpo_run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return path

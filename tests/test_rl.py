@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -354,3 +355,24 @@ def test_grpo_runs_on_the_mini_deepseek_with_cached_sampling():
     config = rl.GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=6, beta=0.05)
     history = rl.train_grpo(model, task.problems(8), steps=2, config=config, progress=False)
     assert len(history) == 2 and all(math.isfinite(v) for v in history["loss"])
+
+
+# -- the course's GRPO checkpoint (notebook 22 -> 23) ----------------------------------------
+
+def test_load_or_train_grpo_trains_saves_then_loads(tmp_path):
+    from course_utils.pretrain import PretrainConfig
+
+    pre = PretrainConfig(steps=2, batch_size=4, n_train_lines=64, eval_every=2,
+                         n_eval_problems=4)
+    cfg = rl.GRPOConfig(prompts_per_step=2, group_size=2)
+    trained = rl.load_or_train_grpo(pre, cfg, "cpu", steps=2, root=tmp_path, progress=False)
+    path = rl.grpo_checkpoint_path(pre, tmp_path)
+    assert path.name == f"grpo-{pre.key()}" and (path / "grpo_run.json").exists()
+    run = json.loads((path / "grpo_run.json").read_text())
+    assert run["steps"] == 2 and run["pretrain_key"] == pre.key()
+    assert run["grpo_config"]["group_size"] == 2
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    loaded = rl.load_or_train_grpo(pre, cfg, "cpu", steps=2, root=tmp_path, progress=False)
+    torch.testing.assert_close(loaded(ids), trained(ids), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="other settings"):
+        rl.load_or_train_grpo(pre, cfg, "cpu", steps=3, root=tmp_path, progress=False)
