@@ -38,7 +38,15 @@ from .model import DeepSeekForCausalLM
 from .moe import AuxLossFreeBalancer
 from .train import _param_groups, language_model_loss, lr_schedule
 
-__all__ = ["PretrainConfig", "Pretrainer", "artifacts_dir", "course_config", "load_or_pretrain"]
+__all__ = [
+    "PretrainConfig",
+    "Pretrainer",
+    "artifacts_dir",
+    "checkpoint_path",
+    "course_config",
+    "load_or_pretrain",
+    "save_pretrained",
+]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class PretrainConfig:
     overrides: tuple[tuple[str, Any], ...] = ()
     dense: bool = False
     steps: int = 1000
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_frac: float = 0.05
@@ -227,12 +235,27 @@ def load_or_pretrain(config: PretrainConfig | None = None, device: torch.device 
     :func:`artifacts_dir`) when a previous run saved it, else trained now (minutes on a CPU)
     and saved there as a Hugging Face checkpoint. Returned in eval mode on ``device``."""
     config = config or course_config()
-    path = Path(root or artifacts_dir()) / f"mini_deepseek-{config.key()}"
+    path = checkpoint_path(config, root)
     if (path / "config.json").exists():
         return load_hf_checkpoint(path, device=device)
     run = Pretrainer(config, device)
     run.train(progress=progress)
-    save_hf_checkpoint(run.model, path)
+    save_pretrained(run.model, config, root)
+    return run.model.eval()
+
+
+def checkpoint_path(config: PretrainConfig, root: str | Path | None = None) -> Path:
+    """Where :func:`load_or_pretrain` looks for the model of ``config``:
+    ``root/mini_deepseek-<config.key()>`` (``root`` defaults to :func:`artifacts_dir`)."""
+    return Path(root or artifacts_dir()) / f"mini_deepseek-{config.key()}"
+
+
+def save_pretrained(model: DeepSeekForCausalLM, config: PretrainConfig,
+                    root: str | Path | None = None) -> Path:
+    """Save ``model``, trained by the run ``config``, where :func:`load_or_pretrain` will find
+    it: a Hugging Face checkpoint plus ``pretrain_config.json`` in :func:`checkpoint_path`.
+    Returns that directory."""
+    path = save_hf_checkpoint(model, checkpoint_path(config, root))
     (path / "pretrain_config.json").write_text(
         json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
-    return run.model.eval()
+    return path

@@ -8,7 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from course_utils.pretrain import PretrainConfig, Pretrainer, load_or_pretrain
+from course_utils.pretrain import (
+    PretrainConfig,
+    Pretrainer,
+    checkpoint_path,
+    load_or_pretrain,
+    save_pretrained,
+)
 
 SMALL = PretrainConfig(overrides=(("num_hidden_layers", 2),), steps=6, batch_size=8,
                        n_train_lines=300, eval_every=3, n_eval_problems=8)
@@ -49,6 +55,18 @@ def test_load_or_pretrain_trains_once_then_loads(tmp_path):
     again = load_or_pretrain(SMALL, root=tmp_path, progress=False)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+
+
+def test_save_pretrained_is_what_load_or_pretrain_loads(tmp_path):
+    run = Pretrainer(SMALL)
+    run.train(2, progress=False)
+    path = save_pretrained(run.model, SMALL, root=tmp_path)
+    assert path == checkpoint_path(SMALL, tmp_path) == tmp_path / f"mini_deepseek-{SMALL.key()}"
+    assert (path / "pretrain_config.json").exists()
+    loaded = load_or_pretrain(SMALL, root=tmp_path, progress=False)  # loads, trains nothing
+    for (name, a), b in zip(run.model.state_dict().items(), loaded.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_configs_differ_by_key_and_validate():

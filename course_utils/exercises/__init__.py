@@ -11,6 +11,7 @@ from .basics import *  # noqa: F403  notebooks 00-01
 from .fp8 import *  # noqa: F403  notebook 20
 from .gpu import *  # noqa: F403  notebook 24
 from .kv_cache import *  # noqa: F403  notebooks 05, 07-09
+from .mini_deepseek import *  # noqa: F403  notebook 21
 from .moe import *  # noqa: F403  notebooks 16-18
 from .positions_mla import *  # noqa: F403  notebooks 10-15
 from .post_training import *  # noqa: F403  notebooks 22-23
