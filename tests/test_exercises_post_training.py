@@ -63,6 +63,24 @@ def _merge_inverse(w, a, b, alpha, r):
     return w + (r / alpha) * b @ a
 
 
+def _kl_right(s, t, temp):
+    log_p = (t / temp).log_softmax(-1)
+    log_q = (s / temp).log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temp**2
+
+
+def _kl_no_t2(s, t, temp):
+    return _kl_right(s, t, temp) / temp**2
+
+
+def _kl_reverse(s, t, temp):
+    return _kl_right(t, s, temp)
+
+
+def _kl_unsoftened(s, t, temp):
+    return _kl_right(s, t, 1.0) * temp**2
+
+
 def _crash(*args):
     raise RuntimeError("boom")
 
@@ -81,6 +99,9 @@ CASES = [
     (ex.check_clipped_objective, _clip_right, _clip_max, "max instead of min"),
     (ex.check_lora_merge, _merge_right, _merge_unscaled, "forgot the scale"),
     (ex.check_lora_merge, _merge_right, _merge_inverse, "alpha / r"),
+    (ex.check_soft_kl, _kl_right, _kl_no_t2, "T**2"),
+    (ex.check_soft_kl, _kl_right, _kl_reverse, "reverse"),
+    (ex.check_soft_kl, _kl_right, _kl_unsoftened, "before the softmax"),
 ]
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..distill import distillation_kl
 from ..lora import LoRALinear
 from ..rl import group_advantages, k3_kl
 from ._feedback import Feedback, call_learner, compare_tensors
@@ -15,6 +16,7 @@ __all__ = [
     "check_k3_kl",
     "check_clipped_objective",
     "check_lora_merge",
+    "check_soft_kl",
 ]
 
 # -- 22 GRPO ----------------------------------------------------------------------------------
@@ -161,3 +163,38 @@ def check_lora_merge(
         return Feedback(False, "x @ merged.T does not reproduce the adapter's output")
     return Feedback(True, "W + (alpha / r) B A: one matrix again, so the merged model runs exactly "
                           "as fast as the original")
+
+
+def check_soft_kl(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None
+                  ) -> Feedback:
+    """Exercise 23.2: ``fn(student_logits (N, V), teacher_logits (N, V), T) -> (N,)``: the
+    forward KL(p || q) per row between p = softmax(teacher / T) and q = softmax(student / T),
+    times T squared (Hinton et al. 2015), as :func:`course_utils.distill.distillation_kl`."""
+    hint = ("write soft_kl(student_logits, teacher_logits, T): soften both with / T, then "
+            "sum p (log p - log q) per row, times T**2")
+    gen = torch.Generator().manual_seed(232)
+    student = torch.randn(4, 7, generator=gen) * 2
+    teacher = torch.randn(4, 7, generator=gen) * 2
+    t = 2.0
+    got, fb = call_learner(fn, hint, student.clone(), teacher.clone(), t)
+    if fb is not None:
+        return fb
+    want = distillation_kl(student, teacher, t, "forward", reduction="none")
+    if isinstance(got, torch.Tensor) and got.shape == want.shape:
+        got_f = got.detach().float()
+        if torch.allclose(got_f, want / t**2, atol=1e-5):
+            return Feedback(False, "you forgot the T**2 factor: softened targets give gradients "
+                                   "1/T**2 smaller, and T**2 restores their size")
+        if torch.allclose(got_f, distillation_kl(student, teacher, t, "reverse",
+                                                 reduction="none"), atol=1e-5):
+            return Feedback(False, "that is the reverse KL(q || p): weight by the teacher's p, "
+                                   "sum p (log p - log q)")
+        if torch.allclose(got_f, distillation_kl(student, teacher, 1.0, "forward",
+                                                 reduction="none") * t**2, atol=1e-5):
+            return Feedback(False, "divide the logits by T before the softmax: the temperature "
+                                   "softens both distributions")
+    bad = compare_tensors(got, want, "soft_kl", atol=1e-5)
+    if bad is not None:
+        return bad
+    return Feedback(True, "forward KL on softened distributions: the student is pushed to "
+                          "cover every token the teacher gives mass to")
