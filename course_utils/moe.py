@@ -382,6 +382,14 @@ class DeepSeekMoE(nn.Module):
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles leave out the last forward's routing: after a training forward its
+        # tensors belong to the autograd graph, which deepcopy refuses to copy (GRPO copies the
+        # policy into its frozen reference right after training steps).
+        state = self.__dict__.copy()
+        state["last_routing"] = state["last_counts"] = None
+        return state
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got "

@@ -75,6 +75,8 @@ class PretrainConfig:
     seed: int = 0
     eval_every: int = 250
     n_eval_problems: int = 200
+    layout: str = "windows"
+    prompt_loss: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "n_train_lines", "eval_every", "n_eval_problems"):
@@ -154,7 +156,8 @@ class Pretrainer:
         # 1000 steps (greedy accuracy 0.92 vs 0.07), which would leave GRPO in notebook 22
         # little to improve; the course pretrains on windows and lets RL do the rest.
         self.get_batch = self.task.lm_batches(self.corpus, config.batch_size, device=self.device,
-                                              layout="windows")
+                                              layout=config.layout,
+                                              prompt_loss=config.prompt_loss)
         self.eval_problems = self.task.problems(config.n_eval_problems, seed=config.seed + 1,
                                                 split="test")
         self.history = History()

@@ -479,3 +479,21 @@ def test_layer_input_and_dispatch_errors():
     layer = DeepSeekMoE(MoEConfig(hidden_size=8, moe_intermediate_size=4))
     with pytest.raises(ValueError, match="batch, seq"):
         layer(torch.randn(5, 8))
+
+
+def test_deepcopy_after_training_forward():
+    """A model copied right after a training forward (GRPO's frozen reference, a teacher) must
+    not carry the routing of that forward, whose tensors are still part of the autograd graph."""
+    import copy
+
+    layer = DeepSeekMoE(MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4,
+                                  num_experts_per_tok=2, n_shared_experts=1))
+    layer.train()
+    out = layer(torch.randn(2, 3, 8))
+    assert layer.last_routing is not None and layer.last_routing.scores.requires_grad
+    clone = copy.deepcopy(layer)
+    assert clone.last_routing is None and clone.last_counts is None
+    assert layer.last_routing is not None  # the original keeps it (aux losses read it)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    out.sum().backward()
