@@ -12,6 +12,8 @@ Environment variables (all optional):
   there is an error, never a silent fallback: the CUDA CI job relies on that.
 - ``COURSE_SMOKE``: ``1`` runs every cell at a smaller scale (fewer steps, smaller models) so the
   full test suite fits CI's budget. Notebooks choose their sizes with :func:`scaled`.
+- ``COURSE_SCALE``: ``default`` or ``gpu`` forces the scale :func:`scaled` picks; unset, it is
+  ``gpu`` on a CUDA device and ``default`` elsewhere (``COURSE_SMOKE=1`` wins over both).
 - ``COURSE_THREADS``: torch's intra-op thread count (see :func:`set_threads`).
 """
 
@@ -137,13 +139,38 @@ def is_smoke() -> bool:
     raise ValueError(f"COURSE_SMOKE={value!r} must be 1 or 0")
 
 
-def scaled(default: T, smoke: T) -> T:
-    """``default`` normally, ``smoke`` under ``COURSE_SMOKE=1``: the notebook-sized knob.
+SCALES = ("smoke", "default", "gpu")
+_NOT_GIVEN: object = object()
 
-    Use it in a parameters cell: ``steps = scaled(300, smoke=30)``. Smoke runs every cell at a
-    smaller size; they never skip a cell.
+
+def scale() -> str:
+    """The scale notebooks run at, one of :data:`SCALES`: ``"smoke"`` under ``COURSE_SMOKE=1``;
+    else ``COURSE_SCALE`` when set (``"default"`` or ``"gpu"``); else ``"gpu"`` when
+    :func:`get_device` is a CUDA device and ``"default"`` elsewhere (a laptop CPU, MPS)."""
+    if is_smoke():
+        return "smoke"
+    value = os.environ.get("COURSE_SCALE", "").strip().lower()
+    if value:
+        if value not in ("default", "gpu"):
+            raise ValueError(f"COURSE_SCALE={value!r} must be 'default' or 'gpu' (use "
+                             "COURSE_SMOKE=1 for the smoke scale)")
+        return value
+    return "gpu" if get_device().type == "cuda" else "default"
+
+
+def scaled(default: T, smoke: T, gpu: T = _NOT_GIVEN) -> T:  # type: ignore[assignment]
+    """The notebook-sized knob: ``default`` on a CPU, ``smoke`` under ``COURSE_SMOKE=1``, and
+    ``gpu`` (when given; else ``default``) at the GPU scale (see :func:`scale`).
+
+    Use it in a parameters cell: ``steps = scaled(300, smoke=30, gpu=3000)``. Smoke runs every
+    cell at a smaller size; they never skip a cell. The GPU scale is sized for a Colab T4.
     """
-    return smoke if is_smoke() else default
+    current = scale()
+    if current == "smoke":
+        return smoke
+    if current == "gpu" and gpu is not _NOT_GIVEN:
+        return gpu
+    return default
 
 
 def describe() -> dict[str, str]:

@@ -61,6 +61,14 @@ def test_bad_name_and_missing_setup_are_caught(tmp_path: Path):
     assert any("set-up cell" in p for p in problems)
 
 
+def test_transformers_without_the_reference_install_is_caught(tmp_path: Path):
+    body = GOOD_BODY + "\n# %%\nimport transformers\n"
+    path = _write(tmp_path, "99_ref.ipynb", header("99_ref", "Ref") + body)
+    assert any("[reference]" in p for p in hygiene_problems(path, require_outputs=False))
+    fixed = _write(tmp_path, "99_ref.ipynb", header("99_ref", "Ref", reference=True) + body)
+    assert hygiene_problems(fixed, require_outputs=False) == []
+
+
 def test_import_from_another_notebook_is_caught(tmp_path: Path):
     body = GOOD_BODY + "\n# %%\nfrom notebooks import helper\n"
     path = _write(tmp_path, "99_imports.ipynb", header("99_imports", "Imports") + body)

@@ -415,3 +415,24 @@ def test_scan_reads_committed_json_without_executing(tmp_path: Path):
     path = _write_notebook(tmp_path / "07_noexec.ipynb", [src])
     json.loads(path.read_text())  # plain JSON on disk
     assert [v.line for v in scan_notebook(path)] == [2]
+
+
+# Notebooks that train a model: each parameters cell offers a GPU scale (runtime.scaled(...,
+# gpu=...)), so a Colab GPU trains a visibly better model. Notebook 21 gets its GPU scale from
+# pretrain.course_config(), which follows runtime.scale().
+TRAINING_NOTEBOOKS = {"01", "05", "07", "08", "09", "18", "19", "20", "22", "23"}
+
+
+def test_training_notebooks_have_a_gpu_scale():
+    missing = []
+    for path in NOTEBOOKS:
+        if path.name[:2] not in TRAINING_NOTEBOOKS:
+            continue
+        nb = nbformat.read(path, as_version=4)
+        params = [c.source for c in nb.cells
+                  if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+        if not any(re.search(r"\bgpu=", source) for source in params):
+            missing.append(path.name)
+    assert not missing, f"parameters cells without a GPU scale (runtime.scaled(..., gpu=...)): "\
+                        f"{missing}"
+    assert {p.name[:2] for p in NOTEBOOKS} >= TRAINING_NOTEBOOKS

@@ -4,6 +4,7 @@ load_or_pretrain, and argument checks."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -83,7 +84,24 @@ def test_course_config_follows_the_scale(monkeypatch):
     from course_utils.pretrain import course_config
 
     monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    monkeypatch.setenv("COURSE_SCALE", "default")
     assert course_config() == PretrainConfig()
     monkeypatch.setenv("COURSE_SMOKE", "1")
     assert course_config().steps < PretrainConfig().steps
     assert course_config(seed=3).seed == 3
+
+
+def test_the_gpu_scale_run_trains(monkeypatch):
+    """The GPU-scale config (a bigger preset, more steps) is a different, working run; two of
+    its steps on the CPU show that it builds and learns with the same code."""
+    from course_utils.pretrain import course_config
+
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    monkeypatch.setenv("COURSE_SCALE", "gpu")
+    config = course_config()
+    assert config.preset == "gpu" and config.steps > PretrainConfig().steps
+    assert config.key() != PretrainConfig().key()
+    run = Pretrainer(dataclasses.replace(config, steps=2, eval_every=2, n_eval_problems=2), "cpu")
+    assert run.model.num_parameters() > 10_000_000  # the 'gpu' preset, ~14M
+    run.train(progress=False)
+    assert len(run.history.loss) == 2 and all(math.isfinite(v) for v in run.history.loss)

@@ -67,3 +67,35 @@ def test_threads(monkeypatch):
 def test_badge_url_points_at_the_notebook():
     url = runtime.colab_badge_url("notebooks/00_course_overview.ipynb")
     assert url.endswith(f"{runtime.REPO}/blob/main/notebooks/00_course_overview.ipynb")
+
+
+def test_scale_picks_gpu_values_on_cuda_or_when_asked(monkeypatch):
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    monkeypatch.setenv("COURSE_SCALE", "gpu")
+    assert runtime.scale() == "gpu"
+    assert runtime.scaled(300, smoke=30, gpu=3000) == 3000
+    assert runtime.scaled(300, smoke=30) == 300  # no GPU value: the default
+    monkeypatch.setenv("COURSE_SMOKE", "1")  # smoke wins over everything
+    assert runtime.scaled(300, smoke=30, gpu=3000) == 30
+    monkeypatch.delenv("COURSE_SMOKE")
+    monkeypatch.setenv("COURSE_SCALE", "default")
+    assert runtime.scaled(300, smoke=30, gpu=3000) == 300
+    monkeypatch.delenv("COURSE_SCALE")
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert runtime.scale() == "default" and runtime.scaled(300, smoke=30, gpu=3000) == 300
+
+
+def test_scale_follows_the_device(monkeypatch):
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    monkeypatch.delenv("COURSE_SCALE", raising=False)
+    monkeypatch.setattr(runtime, "get_device", lambda name=None: torch.device("cuda"))
+    assert runtime.scale() == "gpu"
+    monkeypatch.setattr(runtime, "get_device", lambda name=None: torch.device("mps"))
+    assert runtime.scale() == "default"
+
+
+def test_bad_scale_names_the_variable(monkeypatch):
+    monkeypatch.delenv("COURSE_SMOKE", raising=False)
+    monkeypatch.setenv("COURSE_SCALE", "huge")
+    with pytest.raises(ValueError, match="COURSE_SCALE"):
+        runtime.scale()

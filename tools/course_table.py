@@ -64,8 +64,10 @@ def render() -> str:
     machines = timings.get("machines", {})
     note = "; ".join(f"{k.upper()}: {v}" for k, v in sorted(machines.items()))
     lines.append("")
-    lines.append("Times: one execution of the notebook at its default scale by `make execute`"
-                 + (f" ({note})." if note else "."))
+    lines.append("Times: one execution of the notebook by `make execute`, at the default scale on "
+                 "the CPU and at the GPU scale on CUDA" + (f" ({note})" if note else "")
+                 + "; 22 and 23 start from the checkpoints that 21 and 22 saved in `artifacts/` "
+                 "(each retrains what is missing, in minutes).")
     return "\n".join(lines)
 
 

@@ -9,8 +9,8 @@ The committed ``.ipynb`` is the source of truth. To edit one as text::
 
 Script format: a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose
 lines are written as ``# text``; ``# %% tags=["parameters"]`` tags a code cell.
-``python tools/nbtool.py header NN_name "Title"`` prints the title, badge and set-up cells that
-every notebook starts with.
+``python tools/nbtool.py header NN_name "Title" [--reference]`` prints the title, badge and set-up
+cells that every notebook starts with (``--reference``: a notebook that imports transformers).
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ if "google.colab" in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/course"],
                    check=True)
     sys.path.insert(0, "/content/course")'''
+# The same, for a notebook that compares with Hugging Face transformers (the reference extra).
+SETUP_CELL_REFERENCE = SETUP_CELL.replace(
+    '"-e", "/content/course"]', '"-e", "/content/course[reference]"]').replace(
+    "install course_utils (torch", "install course_utils and transformers (torch")
 
 
-def header(name: str, title: str) -> str:
-    """The first cells of notebook ``name`` (e.g. ``01_journey_of_a_token``) as a script."""
+def header(name: str, title: str, reference: bool = False) -> str:
+    """The first cells of notebook ``name`` (e.g. ``01_journey_of_a_token``) as a script.
+    ``reference=True``: its Colab set-up also installs transformers
+    (``course_utils[reference]``)."""
     url = colab_badge_url(f"notebooks/{name}.ipynb")
     badge = f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
-    return f"# %% [markdown]\n# # {title}\n#\n# {badge}\n\n# %%\n{SETUP_CELL}\n"
+    setup = SETUP_CELL_REFERENCE if reference else SETUP_CELL
+    return f"# %% [markdown]\n# # {title}\n#\n# {badge}\n\n# %%\n{setup}\n"
 
 
 def script_to_notebook(text: str) -> nbformat.NotebookNode:
@@ -103,8 +110,8 @@ def main(argv: list[str]) -> None:
     elif len(argv) == 3 and argv[0] == "to-py":
         nb = nbformat.read(argv[1], as_version=4)
         Path(argv[2]).write_text(notebook_to_script(nb), encoding="utf-8")
-    elif len(argv) == 3 and argv[0] == "header":
-        print(header(argv[1], argv[2]))
+    elif len(argv) in (3, 4) and argv[0] == "header" and argv[3:] in ([], ["--reference"]):
+        print(header(argv[1], argv[2], reference=argv[3:] == ["--reference"]))
     else:
         sys.exit(__doc__)
 

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 from course_utils.runtime import colab_badge_url  # noqa: E402
 
 NAME_PATTERN = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+# A notebook that compares with transformers must install it on Colab (course_utils[reference]).
+_TRANSFORMERS_IMPORT = re.compile(r"^\s*(?:from|import)\s+transformers\b", re.MULTILINE)
 KERNEL_NAME = "python3"
 # Importing another notebook (or running it) couples episodes; shared code lives in course_utils.
 _NOTEBOOK_IMPORT = re.compile(
@@ -60,6 +62,10 @@ def hygiene_problems(path: Path, require_outputs: bool = True) -> list[str]:
     code = [c for c in cells if c.cell_type == "code"]
     if not code or "google.colab" not in code[0].source:
         problems.append(f"{name}: first code cell must be the Colab set-up cell")
+    elif (any(_TRANSFORMERS_IMPORT.search(c.source) for c in code)
+          and "/content/course[reference]" not in code[0].source):
+        problems.append(f"{name}: imports transformers, so its Colab set-up cell must install "
+                        "/content/course[reference] (tools/nbtool.py header ... --reference)")
     if not any("parameters" in c.metadata.get("tags", []) for c in code):
         problems.append(f"{name}: no code cell is tagged 'parameters'")
     for i, c in enumerate(cells):
@@ -140,19 +146,22 @@ TIMINGS = ROOT / "notebooks" / "timings.json"
 
 
 def record_timing(name: str, seconds: float) -> None:
-    """Store a default-scale execution time in notebooks/timings.json (README's table reads it).
-    Smoke-scale runs are not recorded."""
+    """Store an execution time in notebooks/timings.json (README's table reads it): under "cpu"
+    for a CPU run at the default scale, under "cuda" for a CUDA run at the GPU scale. Other runs
+    (smoke scale, MPS, a forced scale) are not recorded."""
     import json
     import os
     import platform
 
     import torch
 
-    if os.environ.get("COURSE_SMOKE", "").strip() in ("1", "true", "yes"):
+    from course_utils import runtime
+
+    key = {("cpu", "default"): "cpu", ("cuda", "gpu"): "cuda"}.get(
+        (runtime.get_device().type, runtime.scale()))
+    if key is None:
         return
     data = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
-    device = os.environ.get("COURSE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = "cuda" if device.startswith("cuda") else "cpu"
     entry = data.setdefault(key, {})
     entry[name] = round(seconds, 1)
     data.setdefault("machines", {})[key] = (
@@ -173,6 +182,9 @@ def main(argv: list[str]) -> None:
         problems = hygiene_problems(path)
         print(f"{path.name}: executed in {seconds:.1f} s" + ("" if not problems else
               "\n  " + "\n  ".join(problems)), flush=True)
+    import course_table  # tools/, beside this file: README's table shows the new timings
+
+    course_table.main()
 
 
 if __name__ == "__main__":
