@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 DEFAULT_LIMIT_S = 300
 # 21 pretrains two models (its budget is ten minutes); 22 and 23 load 21's and 22's checkpoints
 # from artifacts/ when the run has made them, and retrain them (minutes) when they are missing.
-TIME_LIMITS_S: dict[str, int] = {"21_mini_deepseek": 720, "22_grpo": 600, "23_distillation": 600}
+TIME_LIMITS_S: dict[str, int] = {"21_mini_deepseek": 600, "22_grpo": 600, "23_distillation": 600}
 
 
 def test_there_are_notebooks():
