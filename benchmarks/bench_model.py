@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from course_utils.config import DeepSeekConfig
 from course_utils.model import DeepSeekForCausalLM
+from course_utils.train import make_optimizer
 
 VOCAB = 16
 SEQ = 48
@@ -51,7 +52,7 @@ def _flops_per_token(model: DeepSeekForCausalLM) -> float:
 
 
 def _train_step_fn(model: DeepSeekForCausalLM, batch: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(model, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:

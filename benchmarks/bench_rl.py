@@ -18,6 +18,7 @@ from course_utils.generation import generate
 from course_utils.kernels import median_seconds
 from course_utils.model import DeepSeekForCausalLM
 from course_utils.rl import GRPOConfig, grpo_step, sample_groups
+from course_utils.train import make_optimizer
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -39,7 +40,7 @@ def run(quick: bool = False) -> list[dict]:
     t_nocache = median_seconds(
         lambda: generate(model, repeated, max_new, temperature=1.0, use_cache=False,
                          generator=g), max(1, repeats // 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.99))
     t_step = median_seconds(
         lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
     tokens = rows * max_new

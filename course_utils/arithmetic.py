@@ -212,6 +212,9 @@ class ArithmeticTask:
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size > corpus.n_lines:
+            raise ValueError(f"batch_size={batch_size} is larger than the data ({corpus.n_lines} "
+                             "lines); build the corpus with more lines or use a smaller batch")
         if layout not in ("windows", "lines"):
             raise ValueError(f"layout must be 'windows' or 'lines', got {layout!r}")
         if layout == "windows" and not prompt_loss:
@@ -246,6 +249,15 @@ class ArithmeticTask:
             return windows[:, :-1], windows[:, 1:]
 
         return get_windows
+
+    def line_tensors(self, corpus: TokenCorpus, prompt_loss: bool = False,
+                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """Every line of ``corpus`` as one row, padded with end tokens, as ``layout="lines"``
+        batches show them: inputs and targets, (n_lines, max_line_length - 1) each, targets
+        -100 after the end token (and on the prompt unless ``prompt_loss``). For a held-out
+        loss over a whole corpus, in order."""
+        ids = corpus.ids.to(device) if device is not None else corpus.ids
+        return self._padded_lines(ids, corpus.line_starts.to(ids.device), prompt_loss)
 
     def _padded_lines(self, ids: Tensor, starts: Tensor, prompt_loss: bool
                       ) -> tuple[Tensor, Tensor]:

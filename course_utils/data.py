@@ -6,9 +6,11 @@ Two corpora, both pure functions of their arguments (same seed, same bytes, on e
   Pronouns refer back to earlier nouns, so attention has something to look at; it is the text
   the byte-level BPE of notebook 01 is trained on.
 - :func:`make_arithmetic_corpus`: additions such as ``07+45+13=065`` with a checkable answer.
-  A fraction of the lines show worked steps, ``07+45+13=<07+45=052;052+13=065>065``. The
-  training notebooks report accuracy on it and GRPO uses :func:`check_completion` as its
-  rule-based reward. A hash of the operands holds out about 5 % of problems as a test set.
+  A fraction of the lines show worked steps, the column method of paper and pencil:
+  ``07+45+13=<7+5+3=15;0+4+1+1=06>065`` adds the units digits (15), then the tens digits plus
+  the carry (06), and the answer is read off the columns. The training notebooks report
+  accuracy on it and GRPO uses :func:`check_completion` as its rule-based reward. A hash of the
+  operands holds out about 5 % of problems as a test set.
 
 Both use Python's ``random.Random``, whose sequence for a given seed is fixed across platforms.
 """
@@ -32,6 +34,8 @@ __all__ = [
     "parse_final_answer",
     "check_completion",
     "uses_worked_steps",
+    "is_well_formed",
+    "steps_correct",
     "random_windows",
 ]
 
@@ -106,7 +110,7 @@ class ArithmeticProblem:
 
     >>> p = ArithmeticProblem((7, 45, 13), n_digits=2)
     >>> p.prompt, p.direct_answer, p.worked_answer
-    ('07+45+13=', '065\\n', '<07+45=052;052+13=065>065\\n')
+    ('07+45+13=', '065\\n', '<7+5+3=15;0+4+1+1=06>065\\n')
     """
 
     operands: tuple[int, ...]
@@ -134,15 +138,27 @@ class ArithmeticProblem:
         return self._pad(self.answer) + "\n"
 
     @property
+    def worked_steps(self) -> list[str]:
+        """The column method, one step a column from the units up: the column's digits plus
+        the carry from the column before (none for the units), ``=`` their sum in two digits.
+        ``07+45+13`` gives ``["7+5+3=15", "0+4+1+1=06"]``: each step is a sum of a few single
+        digits, which a tiny model can learn as a table, where a running sum of two-digit
+        numbers (``07+45=052``) needs the carry computed inside one token."""
+        digits = [str(x).zfill(self.n_digits) for x in self.operands]
+        steps, carry = [], None
+        for column in range(self.n_digits - 1, -1, -1):
+            terms = [d[column] for d in digits] + ([] if carry is None else [str(carry)])
+            total = sum(map(int, terms))
+            steps.append("+".join(terms) + f"={total:02d}")
+            carry = total // 10
+        return steps
+
+    @property
     def worked_answer(self) -> str:
-        """The completion with worked steps: each running sum, then the answer and a newline."""
-        steps, total = [], self.operands[0]
-        first = str(self.operands[0]).zfill(self.n_digits)
-        for i, x in enumerate(self.operands[1:]):
-            left = first if i == 0 else self._pad(total)
-            total += x
-            steps.append(f"{left}+{str(x).zfill(self.n_digits)}={self._pad(total)}")
-        return "<" + ";".join(steps) + ">" + self._pad(total) + "\n"
+        """The completion with worked steps: ``<`` the column steps ``;``-separated ``>``, then
+        the padded answer and a newline. The answer is the last column's sum followed by the
+        units digit of each earlier column's sum, read from the steps."""
+        return "<" + ";".join(self.worked_steps) + ">" + self._pad(self.answer) + "\n"
 
 
 def _check_sizes(n_operands: int, n_digits: int) -> None:
@@ -197,6 +213,9 @@ def make_arithmetic_corpus(
 
 
 _WORKED = re.compile(r"^<([0-9+=;]*)>")
+# [0-9], not \d: Python's \d also matches other scripts' digits
+_STEP = r"[0-9]+(?:\+[0-9]+)+=[0-9]+"
+_WELL_FORMED = re.compile(rf"<({_STEP}(?:;{_STEP})*)>[0-9]+\n")
 
 
 def parse_final_answer(completion: str) -> int | None:
@@ -228,6 +247,21 @@ def check_completion(problem: ArithmeticProblem, completion: str) -> bool:
 def uses_worked_steps(completion: str) -> bool:
     """True when the completion opens a worked-steps block and closes it."""
     return _WORKED.match(completion.partition("\n")[0]) is not None
+
+
+def is_well_formed(problem: ArithmeticProblem, completion: str) -> bool:
+    """True when the completion is ``<step;step;...>answer`` plus the end token, with one step
+    ``d+d+...=s`` per column (``n_digits`` of them), whatever the numbers say."""
+    line, newline, _ = completion.partition("\n")
+    match = _WELL_FORMED.fullmatch(line + newline)
+    return match is not None and len(match.group(1).split(";")) == problem.n_digits
+
+
+def steps_correct(problem: ArithmeticProblem, completion: str) -> bool:
+    """True when the completion shows worked steps and every one of them is the right column
+    step (:attr:`ArithmeticProblem.worked_steps`), whatever its final answer says."""
+    match = _WORKED.match(completion.partition("\n")[0])
+    return match is not None and match.group(1).split(";") == problem.worked_steps
 
 
 def random_windows(

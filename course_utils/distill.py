@@ -31,6 +31,7 @@ from .rl import completion_mask
 from .train import (
     TrainResult,
     language_model_loss,
+    make_optimizer,
     train_language_model,
 )
 
@@ -208,6 +209,9 @@ def sft_batches(
                          "must both be (n, L)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size > inputs.shape[0]:
+        raise ValueError(f"batch_size={batch_size} is larger than the data ({inputs.shape[0]} "
+                         "rows); use a smaller batch or more examples")
     if device is not None:
         inputs, targets = inputs.to(device), targets.to(device)
 
@@ -320,8 +324,7 @@ def train_on_policy_distillation(
     max_new = max_new_tokens or task.default_max_new_tokens
     generator = torch.Generator(device=device).manual_seed(seed)
     pick = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
-                                  betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = make_optimizer(student, lr, weight_decay=0.0, betas=(0.9, 0.99))
     teacher.eval()
     result = TrainResult()
     start = time.perf_counter()

@@ -68,10 +68,14 @@ class MTPLayer(DeepSeekDecoderLayer):
 
     Depth k combines the previous depth's hidden state h (batch, t, hidden) with the embedding
     of the token k steps ahead, e (batch, t, hidden):
-    ``block(eh_proj(concat(enorm(e), hnorm(h))))``, then ``shared_head.norm`` before the shared
-    output head. The concatenation puts the **embedding first**, as the released V3 weights
-    do (the paper's equation 21 writes the hidden state first; the ``eh_proj`` columns of the
-    checkpoint follow the embedding-first order). The block is a full decoder layer, MoE when
+    ``shared_head.norm(block(eh_proj(concat(enorm(e), hnorm(h)))))``, which the shared output
+    head reads and the next depth takes as its h. For depth 1, h is the main model's final
+    hidden state, after its final norm (what ``lm_head`` reads). This is what transformers'
+    ``MtpLayer`` computes for ``generate(use_mtp=True)`` (its ``post_norm`` is the release's
+    ``shared_head.norm``), and what vLLM's DeepSeek MTP computes. The concatenation puts the
+    **embedding first**, as the released V3 weights do (the paper's equation 21 writes the
+    hidden state first; the ``eh_proj`` columns of the checkpoint follow the embedding-first
+    order). The block is a full decoder layer, MoE when
     the model has MoE layers. Names follow the release: ``enorm``, ``hnorm``, ``eh_proj``,
     ``shared_head.norm``, and the block's own ``self_attn`` / ``mlp`` / norms.
     """
@@ -88,12 +92,12 @@ class MTPLayer(DeepSeekDecoderLayer):
     def forward(self, hidden: Tensor, next_embeds: Tensor,  # type: ignore[override]
                 cache: LatentCache | None = None, absorb: bool = False) -> Tensor:
         """hidden, next_embeds: (batch, t, hidden) -> this depth's hidden (batch, t, hidden),
-        before ``shared_head.norm``."""
+        after ``shared_head.norm``: ``lm_head`` of it gives the depth's logits."""
         if hidden.shape != next_embeds.shape:
             raise ValueError(f"hidden and next_embeds must have one shape, got "
                              f"{tuple(hidden.shape)} and {tuple(next_embeds.shape)}")
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return super().forward(x, cache, absorb)
+        return self.shared_head.norm(super().forward(x, cache, absorb))
 
 
 class DeepSeekModel(nn.Module):
@@ -177,13 +181,13 @@ class DeepSeekForCausalLM(nn.Module):
                             ) -> tuple[Tensor, Tensor]:
         """(logits (batch, t, vocab), hidden (batch, t, hidden)).
 
-        ``hidden`` is the residual stream after the last block and **before** the final norm:
-        the model's own representation, free of the main head's ``model.norm`` scaling. A V3
-        MTP module normalises what it receives with its own RMSNorm (``hnorm``), so this is
-        what it consumes; ``self.model.norm(hidden)`` is the post-norm version if needed.
+        ``hidden`` is the final hidden state, after the final norm: what ``lm_head`` reads and
+        what transformers returns as ``last_hidden_state``. A V3 MTP module reads it (and
+        normalises it once more with its own ``hnorm``). :meth:`DeepSeekModel.residual_stream`
+        gives the stream before the final norm.
         """
-        hidden = self.model.residual_stream(input_ids, caches, self.absorb)
-        return self.lm_head(self.model.norm(hidden)), hidden
+        hidden = self.model(input_ids, caches, self.absorb)
+        return self.lm_head(hidden), hidden
 
     def forward(self, input_ids: Tensor, caches: list[LatentCache] | None = None) -> Tensor:
         return self.forward_with_hidden(input_ids, caches)[0]
@@ -212,12 +216,16 @@ class DeepSeekForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, DeepSeekMoE)]
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        """All parameters, each tied tensor counted once. ``include_embeddings=False`` leaves out
-        the input embedding table (a lookup, no FLOPs) but keeps ``lm_head`` unless it is tied
-        to it. Buffers (the V3 correction bias) are not parameters."""
+        """Parameters of the model that answers (trunk and head), each tied tensor counted once.
+        The multi-token-prediction modules are left out, as DeepSeek counts V3's 671B without
+        its 14B MTP module (the DeepSeek-V3 README: 685B on the Hub in all);
+        :func:`course_utils.mtp.mtp_parameter_count` counts them. ``include_embeddings=False``
+        leaves out the input embedding table (a lookup, no FLOPs) but keeps ``lm_head`` unless
+        it is tied to it. Buffers (the V3 correction bias) are not parameters."""
+        mtp = {id(p) for p in self.mtp.parameters()}
         total = 0
         for p in self.parameters():  # parameters() yields a tied tensor once
-            if not include_embeddings and p is self.model.embed_tokens.weight:
+            if id(p) in mtp or (not include_embeddings and p is self.model.embed_tokens.weight):
                 continue
             total += p.numel()
         return total

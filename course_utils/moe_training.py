@@ -1,39 +1,43 @@
-"""The balancing study of notebook 18: one small MoE language model, four ways to balance it.
+"""The balancing study of notebook 18: one small MoE language model, several ways to balance it.
 
-:func:`run_balancing_study` trains the same model (same seed, data, steps and optimizer) with
+:func:`run_balancing_study` trains the same model (same seed, data, steps and optimizer) once
+per *arm*:
 
 - ``"none"``: no balancing at all;
-- ``"switch"``: the Switch / DeepSeek-V2 expert-level auxiliary loss over the whole batch;
+- ``"switch"``: the Switch / DeepSeek-V2 expert-level auxiliary loss over the whole batch, once
+  per weight in ``aux_alphas`` (arms ``"switch α=0.01"``, ...);
 - ``"bias"``: DeepSeek-V3's auxiliary-loss-free bias update after every step;
-- ``"bias+seq"``: the bias update plus V3's small sequence-wise auxiliary loss,
+- ``"bias+seq"``: the bias update plus V3's small sequence-wise auxiliary loss.
 
-and records, per step, the language-model loss and the share of routed tokens each expert of
-each MoE layer received; at the end it measures held-out loss and greedy accuracy on the
-arithmetic task (:func:`course_utils.data.check_completion`).
+Every arm runs the course's one training loop (:class:`course_utils.train.Trainer`): the
+balancing losses plug in as its ``extra_loss`` hook, the bias update and the recorder as its
+``after_step`` hook. Each run records, per step, the language-model loss, the share of routed
+tokens each expert of each MoE layer received and the routing biases; at the end, the held-out
+loss on the answer tokens (the worked format, unless ``worked_fraction`` is 0) and the greedy
+accuracy on held-out sums.
+
+The data are the arithmetic task's lines (:class:`course_utils.arithmetic.ArithmeticTask`),
+one padded line a row with the loss on the completion only, as notebook 21 trains; by default
+every answer shows its column steps (``worked_fraction=1.0``), a format a small model learns in
+a few hundred steps, so the held-out accuracy can tell the arms apart.
 
 The model comes from a ``make_model(vocab_size)`` callable: any module whose
 ``forward(input_ids: (B, S)) -> logits (B, S, vocab)`` uses :class:`course_utils.moe.DeepSeekMoE`
-layers with the V3 (sigmoid) router, so all four methods apply to it.
+layers with the V3 (sigmoid) router, so every arm applies to it.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .arithmetic import evaluate_accuracy
-from .data import (
-    ArithmeticProblem,
-    make_arithmetic_corpus,
-    random_windows,
-    sample_arithmetic_problems,
-)
+from .arithmetic import ArithmeticTask, evaluate_accuracy
+from .data import ArithmeticProblem
 from .moe import (
     AuxLossFreeBalancer,
     DeepSeekMoE,
@@ -42,11 +46,28 @@ from .moe import (
     sequence_balance_loss,
 )
 from .tokenizer import CharTokenizer
+from .train import Trainer, language_model_loss
 
-__all__ = ["METHODS", "BalancingRun", "greedy_accuracy", "moe_layers", "run_balancing_study",
-           "summarize"]
+__all__ = ["METHODS", "BalancingRun", "Spread", "arm_names", "greedy_accuracy", "moe_layers",
+           "run_balancing_study", "summarize", "summarize_over_seeds"]
 
 METHODS = ("none", "switch", "bias", "bias+seq")
+
+
+def arm_names(methods: Sequence[str] = METHODS, aux_alphas: Sequence[float] = (0.01,)
+              ) -> list[str]:
+    """The arms :func:`run_balancing_study` trains, in order: each method once, ``"switch"``
+    once per weight (``"switch α=0.1"``)."""
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+    if "switch" in methods and (not aux_alphas or any(a <= 0 for a in aux_alphas)):
+        raise ValueError(f"aux_alphas must be positive weights for the switch arms, got "
+                         f"{tuple(aux_alphas)}")
+    names = []
+    for m in methods:
+        names += [f"switch α={a:g}" for a in aux_alphas] if m == "switch" else [m]
+    return names
 
 
 @dataclass
@@ -56,10 +77,13 @@ class BalancingRun:
     losses: per-step training LM loss (auxiliary terms excluded, so runs compare);
     loads: (steps, n_layers, E) share of each layer's routed (token, expert) pairs per expert;
     biases: (steps, n_layers, E) the correction bias after each step;
-    eval_loss / accuracy: held-out next-token loss and greedy task accuracy at the end.
+    eval_loss: held-out next-token loss on the answer tokens; accuracy: greedy held-out
+    accuracy on the sums.
     """
 
     method: str
+    alpha: float = 0.0
+    seed: int = 0
     losses: list[float] = field(default_factory=list)
     loads: Tensor | None = None
     biases: Tensor | None = None
@@ -103,128 +127,121 @@ def greedy_accuracy(model: nn.Module, tokenizer: CharTokenizer,
     return result.accuracy
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def run_balancing_study(
     make_model: Callable[[int], nn.Module],
     methods: Sequence[str] = METHODS,
     steps: int = 300,
     batch_size: int = 32,
-    block_size: int = 48,
     lr: float = 3e-3,
-    aux_alpha: float = 0.01,
+    aux_alphas: Sequence[float] = (0.01,),
     seq_alpha: float = 0.001,
     gamma: float = 0.01,
     n_train_lines: int = 20000,
+    worked_fraction: float = 1.0,
     n_eval_problems: int = 200,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, BalancingRun]:
-    """Train ``make_model(vocab_size)`` once per method at an equal budget; see the module doc.
+    """Train ``make_model(vocab_size)`` once per arm (:func:`arm_names`) at an equal budget;
+    see the module doc. Returns ``{arm name: BalancingRun}``.
 
-    ``aux_alpha`` weighs the Switch loss, ``seq_alpha`` the sequence-wise loss (DeepSeek-V3 used
-    0.0001 at its scale), ``gamma`` is the bias step (V3 used 0.001 over ~15k steps; our runs
-    are a few hundred steps, so the default is larger). Every run starts from the same seed, so
-    from the same initial weights and batches.
+    ``aux_alphas`` are the Switch-loss weights (one arm each), ``seq_alpha`` weighs the
+    sequence-wise loss (DeepSeek-V3 used 0.0001 at its scale), ``gamma`` is the bias step (V3
+    used 0.001 over ~15k steps; our runs are a few hundred steps, so the default is larger).
+    ``seed`` drives the corpus, the initial weights, the batches and the held-out problems;
+    every arm starts from the same initial weights and sees the same batches.
     """
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    names = arm_names(methods, aux_alphas)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     device = torch.device(device or "cpu")
-    tokenizer = CharTokenizer()
-    train_ids = torch.tensor(tokenizer.encode(make_arithmetic_corpus(n_train_lines, seed=seed)))
-    eval_ids = torch.tensor(tokenizer.encode(
-        make_arithmetic_corpus(max(200, n_eval_problems), seed=seed + 1, split="test")))
-    problems = sample_arithmetic_problems(n_eval_problems, seed=seed + 2, split="test")
+    task = ArithmeticTask()
+    corpus = task.training_tokens(n_train_lines, seed=seed, worked_fraction=worked_fraction)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= corpus.n_lines:
+        raise ValueError(f"batch_size must be an int in [1, n_train_lines={n_train_lines}], "
+                         f"got {batch_size!r}")
+    problems = task.problems(n_eval_problems, seed=seed + 2, split="test")
+    held_out = task.corpus_from_text("".join(
+        p.prompt + (p.worked_answer if worked_fraction > 0 else p.direct_answer) for p in problems))
+    eval_x, eval_y = task.line_tensors(held_out, device=device)
     runs = {}
-    for method in methods:
-        runs[method] = _train_one(make_model, method, tokenizer, train_ids, eval_ids, problems,
-                                  steps, batch_size, block_size, lr, aux_alpha, seq_alpha,
-                                  gamma, seed, device, progress)
+    for name in names:
+        method, _, alpha = name.partition(" α=")
+        run = BalancingRun(method, float(alpha) if alpha else 0.0, seed)
+        runs[name] = _train_one(make_model, run, task, corpus, eval_x, eval_y, problems, steps,
+                                batch_size, lr, seq_alpha, gamma, device, progress)
     return runs
 
 
-def _train_one(make_model, method, tokenizer, train_ids, eval_ids, problems, steps, batch_size,
-               block_size, lr, aux_alpha, seq_alpha, gamma, seed, device, progress):
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    model = make_model(tokenizer.vocab_size).to(device).train()
+def _train_one(make_model: Callable[[int], nn.Module], run: BalancingRun, task: ArithmeticTask,
+               corpus, eval_x: Tensor, eval_y: Tensor, problems: Sequence[ArithmeticProblem],
+               steps: int, batch_size: int, lr: float, seq_alpha: float, gamma: float,
+               device: torch.device, progress: bool) -> BalancingRun:
+    torch.manual_seed(run.seed)
+    model = make_model(task.vocab_size).to(device).train()
     layers = moe_layers(model)
-    balancer = AuxLossFreeBalancer(model, gamma=gamma) if method.startswith("bias") else None
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    run = BalancingRun(method)
+    balancer = (AuxLossFreeBalancer(model, gamma=gamma) if run.method.startswith("bias")
+                else None)
+    get_batch = task.lm_batches(corpus, batch_size, device=device, prompt_loss=False,
+                                generator=torch.Generator().manual_seed(run.seed))
     loads, biases = [], []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=method, disable=not progress, leave=False)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, max(1, steps // 20))
-        x, y = random_windows(train_ids, batch_size, block_size, gen)
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss = lm_loss
+
+    def balance_loss(model: nn.Module) -> Tensor:
+        total = torch.zeros((), device=device)
         for layer in layers:
             r = layer.last_routing
-            if method == "switch":
-                loss = loss + aux_alpha * expert_balance_loss(normalized_affinities(r.scores),
-                                                              r.indices)
-            elif method == "bias+seq":
-                loss = loss + seq_alpha * sequence_balance_loss(
-                    r.scores.view(batch_size, block_size, -1),
-                    r.indices.view(batch_size, block_size, -1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            if run.method == "switch":
+                total = total + run.alpha * expert_balance_loss(
+                    normalized_affinities(r.scores), r.indices)
+            else:  # bias+seq
+                total = total + seq_alpha * sequence_balance_loss(
+                    r.scores.view(batch_size, -1, r.scores.shape[-1]),
+                    r.indices.view(batch_size, -1, r.indices.shape[-1]))
+        return total
+
+    def record(model: nn.Module, step: int, loss: float) -> None:
+        loads.append(torch.stack([layer.last_counts / layer.last_counts.sum()
+                                  for layer in layers]).cpu())
         if balancer is not None:
             balancer.step()
         else:
             for layer in layers:
                 layer.load_since_update.zero_()
-        loads.append(torch.stack([layer.last_counts / layer.last_counts.sum()
-                                  for layer in layers]).cpu())
         biases.append(torch.stack([getattr(layer.gate, "e_score_correction_bias",
                                            torch.zeros_like(layer.last_counts)).detach().float()
                                    for layer in layers]).cpu())
-        run.losses.append(lm_loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{run.losses[-1]:.3f}")
-    run.seconds = time.perf_counter() - start
+
+    hooks: dict[str, Callable[..., object]] = {"after_step": record}
+    if run.method in ("switch", "bias+seq"):
+        hooks["extra_loss"] = balance_loss
+    name = run.method + (f" α={run.alpha:g}" if run.method == "switch" else "")
+    result = Trainer(model, get_batch, steps, lr=lr, hooks=hooks, desc=name).train(
+        progress=progress)
+    run.losses, run.seconds = result.losses, result.seconds
     run.loads, run.biases = torch.stack(loads), torch.stack(biases)
-    run.eval_loss = _eval_loss(model, eval_ids, batch_size, block_size, device)
-    run.accuracy = greedy_accuracy(model, tokenizer, problems)
+    run.eval_loss = _eval_loss(model, eval_x, eval_y)
+    run.accuracy = greedy_accuracy(model, task.tokenizer, problems)
     return run
 
 
 @torch.no_grad()
-def _eval_loss(model: nn.Module, ids: Tensor, batch_size: int, block_size: int,
-               device: torch.device) -> float:
+def _eval_loss(model: nn.Module, inputs: Tensor, targets: Tensor, chunk: int = 256) -> float:
+    """Mean next-token loss over every target that is not -100 (the answer tokens)."""
     model.eval()
-    gen = torch.Generator().manual_seed(1234)
-    losses = []
-    for _ in range(4):
-        x, y = random_windows(ids, batch_size, block_size, gen)
-        logits = model(x.to(device))
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                      y.to(device).reshape(-1)).item())
+    total, count = 0.0, 0
+    for i in range(0, inputs.shape[0], chunk):
+        y = targets[i:i + chunk]
+        n = int((y != -100).sum())
+        total += language_model_loss(model(inputs[i:i + chunk]), y).item() * n
+        count += n
     model.train()
-    return sum(losses) / len(losses)
+    return total / max(count, 1)
 
 
-def summarize(runs: dict[str, BalancingRun], last: int = 20) -> list[dict[str, float | str]]:
-    """One row per method: final train loss (mean of the last steps), held-out loss, accuracy,
-    mean max/mean load over the last steps, starved experts, seconds."""
+def summarize(runs: Mapping[str, BalancingRun], last: int = 20) -> list[dict[str, float | str]]:
+    """One row per arm: final train loss (mean of the last steps), held-out answer loss,
+    accuracy, mean max/mean load over the last steps, starved experts, seconds."""
     rows = []
     for name, run in runs.items():
         rows.append({
@@ -237,3 +254,43 @@ def summarize(runs: dict[str, BalancingRun], last: int = 20) -> list[dict[str, f
             "seconds": run.seconds,
         })
     return rows
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One figure over seeds: its values (in seed order), mean, min and max."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+
+def summarize_over_seeds(runs_by_seed: Mapping[int, Mapping[str, BalancingRun]], last: int = 20
+                         ) -> dict[str, dict[str, Spread]]:
+    """``{arm: {figure: Spread}}``: each of :func:`summarize`'s figures over the seeds (every
+    seed must have run the same arms)."""
+    if not runs_by_seed:
+        raise ValueError("runs_by_seed is empty: run run_balancing_study for at least one seed")
+    arms = [list(runs) for runs in runs_by_seed.values()]
+    if any(a != arms[0] for a in arms):
+        raise ValueError(f"every seed must run the same arms, got {arms}")
+    table: dict[str, dict[str, Spread]] = {}
+    per_seed = {seed: {r["method"]: r for r in summarize(runs, last)}
+                for seed, runs in runs_by_seed.items()}
+    for arm in arms[0]:
+        table[arm] = {}
+        for figure in ("train_loss", "eval_loss", "accuracy", "max_over_mean",
+                       "starved_experts", "seconds"):
+            table[arm][figure] = Spread(tuple(float(per_seed[s][arm][figure])
+                                              for s in sorted(per_seed)))
+    return table

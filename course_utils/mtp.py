@@ -33,7 +33,8 @@ __all__ = ["MTPOutput", "SpeculativeStats", "mtp_forward", "mtp_loss_fn",
 
 @dataclass
 class MTPOutput:
-    """logits: the main head's (batch, T, vocab); hidden: the trunk's (batch, T, hidden);
+    """logits: the main head's (batch, T, vocab); hidden: the trunk's final hidden state
+    (batch, T, hidden), after the final norm;
     mtp_logits[k - 1]: depth k's (batch, T - k, vocab)."""
 
     logits: Tensor
@@ -55,8 +56,9 @@ def mtp_parameter_count(model: DeepSeekForCausalLM) -> int:
     return sum(p.numel() for p in model.mtp.parameters())
 
 
-def _head(model: DeepSeekForCausalLM, layer: nn.Module, hidden: Tensor) -> Tensor:
-    return model.lm_head(layer.shared_head.norm(hidden))
+def _head(model: DeepSeekForCausalLM, hidden: Tensor) -> Tensor:
+    """The shared output head on an MTP depth's (already normalised) hidden state."""
+    return model.lm_head(hidden)
 
 
 def mtp_forward(model: DeepSeekForCausalLM, input_ids: Tensor, targets: Tensor) -> MTPOutput:
@@ -77,9 +79,11 @@ def mtp_forward(model: DeepSeekForCausalLM, input_ids: Tensor, targets: Tensor) 
     out = MTPOutput(logits, hidden)
     h = hidden
     for k, layer in enumerate(model.mtp, start=1):
-        embeds = model.model.embed_tokens(targets[:, k - 1 : t - 1])
+        # the token k steps ahead of position i is input_ids[:, i + k] (equal to
+        # targets[:, i + k - 1], which may be -100 where the loss is masked)
+        embeds = model.model.embed_tokens(input_ids[:, k:t])
         h = layer(h[:, : t - k], embeds, absorb=model.absorb)
-        out.mtp_logits.append(_head(model, layer, h))
+        out.mtp_logits.append(_head(model, h))
     return out
 
 
@@ -166,7 +170,7 @@ def speculative_generate(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_
 
     def draft(h: Tensor, next_ids: Tensor) -> int:
         m = mtp(h, embed(next_ids), mtp_cache, absorb=model.absorb)
-        return int(_head(model, mtp, m[:, -1:])[0, -1].argmax())
+        return int(_head(model, m[:, -1:])[0, -1].argmax())
 
     guess = draft(hidden, mtp_tokens)
     while len(out) < max_new_tokens and not (eos_token_id is not None and out[-1] == eos_token_id):

@@ -1,24 +1,23 @@
 """Pretraining the mini-DeepSeek on the arithmetic task (notebook 21), and the checkpoint that
 notebooks 22-23 start from.
 
-:class:`PretrainConfig` names one run (model preset, data mix, optimizer, budget).
-:class:`Pretrainer` builds the task, the token stream (once), the model, AdamW and the
-auxiliary-loss-free balancer, then trains step by step, recording the loss, the learning
-rate, every MoE layer's expert load and, every ``eval_every`` steps, the greedy accuracy on
-held-out problems. It saves and resumes its full state (model, optimizer, RNGs, history), so a
-resumed run continues bit-identically.
+:class:`PretrainConfig` names one run (model preset, multi-token prediction, data mix,
+optimizer, budget). :class:`Pretrainer` builds the task, the token stream (once), the model and
+the auxiliary-loss-free balancer, and runs the course's one training loop
+(:class:`course_utils.train.Trainer`) with three hooks: the MTP loss, the bias update after each
+step, and a recorder (loss, learning rate, every MoE layer's expert load, and every
+``eval_every`` steps the greedy accuracy on held-out problems). It saves and resumes its full
+state, so a resumed run continues bit-identically.
 
-:func:`load_or_pretrain` is what later notebooks call: it loads the checkpoint of a given
-config from ``artifacts/`` (a Hugging Face directory), or trains and saves it when missing.
+:func:`load_or_pretrain` is what later notebooks call: it loads the model of a given config
+from ``artifacts/`` (:mod:`course_utils.artifacts`, keyed by the config and the code), or trains
+and saves it when missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,26 +26,25 @@ import torch
 from torch import Tensor
 
 from .arithmetic import ArithmeticTask, EvalResult, evaluate_accuracy
-from .checkpoint import (
-    load_hf_checkpoint,
-    load_training_state,
-    save_hf_checkpoint,
-    save_training_state,
-)
+from .artifacts import artifact_path, load_or_build
+from .checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from .config import DeepSeekConfig
 from .model import DeepSeekForCausalLM
 from .moe import AuxLossFreeBalancer
-from .train import _param_groups, language_model_loss, lr_schedule
+from .mtp import mtp_loss_fn
+from .train import Trainer
 
 __all__ = [
     "PretrainConfig",
     "Pretrainer",
-    "artifacts_dir",
     "checkpoint_path",
     "course_config",
     "load_or_pretrain",
     "save_pretrained",
 ]
+
+#: The artifact kind of a pretrained mini-DeepSeek (:mod:`course_utils.artifacts`).
+ARTIFACT_KIND = "mini_deepseek"
 
 
 @dataclass(frozen=True)
@@ -54,20 +52,25 @@ class PretrainConfig:
     """One pretraining run on the three-operand, two-digit arithmetic task.
 
     ``preset`` and ``overrides`` give the model (:meth:`DeepSeekConfig.preset`); ``dense=True``
-    trains its :meth:`~DeepSeekConfig.dense_baseline` instead. ``steps`` batches of
-    ``batch_size`` rows from ``n_train_lines`` lines, a ``worked_fraction`` of them with
-    worked steps, laid out by :meth:`ArithmeticTask.lm_batches` with ``layout`` and
-    ``prompt_loss`` (default: one padded line a row, loss on the completion only);
-    AdamW(0.9, 0.95) with ``weight_decay``, peak ``lr``, warm-up then cosine decay; gradient
-    clipping at 1.0; the V3 bias update after every step when the model has MoE layers and
-    ``balance`` is on.
+    trains its :meth:`~DeepSeekConfig.dense_baseline` instead. ``mtp_depth`` multi-token
+    prediction modules are trained with weight ``mtp_lambda`` (DeepSeek-V3: depth 1, lambda 0.3
+    for most of its run; technical report, section 4.2); 0 trains none. ``steps`` batches of
+    ``batch_size`` rows from ``n_train_lines`` lines, a ``worked_fraction`` of them with worked
+    steps, laid out by :meth:`ArithmeticTask.lm_batches` with ``layout`` and ``prompt_loss``
+    (default: one padded line a row, loss on the completion only); the course's
+    :class:`~course_utils.train.Trainer` (AdamW(0.9, 0.95) with ``weight_decay``, peak ``lr``,
+    warm-up then cosine decay, clipping at 1.0); the V3 bias update after every step when the
+    model has MoE layers and ``balance`` is on. ``seed`` drives every random choice: the
+    corpus, the initial weights, the batches and the held-out problems.
     """
 
     preset: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
     dense: bool = False
+    mtp_depth: int = 1
+    mtp_lambda: float = 0.3
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_frac: float = 0.05
@@ -75,7 +78,7 @@ class PretrainConfig:
     worked_fraction: float = 0.3
     balance: bool = True
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 500
     n_eval_problems: int = 200
     layout: str = "lines"
     prompt_loss: bool = False
@@ -87,15 +90,24 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0.0 <= self.worked_fraction <= 1.0:
             raise ValueError(f"worked_fraction must be in [0, 1], got {self.worked_fraction}")
+        if not isinstance(self.mtp_depth, int) or self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth must be an int >= 0 (0: no MTP), got {self.mtp_depth!r}")
+        if self.mtp_lambda < 0:
+            raise ValueError(f"mtp_lambda must be >= 0, got {self.mtp_lambda}")
+        if self.batch_size > self.n_train_lines:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the data "
+                             f"(n_train_lines={self.n_train_lines}); use more lines or a "
+                             "smaller batch")
 
     def model_config(self, vocab_size: int) -> DeepSeekConfig:
-        config = DeepSeekConfig.preset(self.preset, vocab_size=vocab_size, **dict(self.overrides))
+        config = DeepSeekConfig.preset(self.preset, vocab_size=vocab_size,
+                                       **{"num_nextn_predict_layers": self.mtp_depth,
+                                          **dict(self.overrides)})
         return config.dense_baseline() if self.dense else config
 
-    def key(self) -> str:
-        """A short hash of every field: checkpoints of different runs never collide."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+    def spec(self) -> dict[str, Any]:
+        """Every field, JSON-able: what names this run's artifact."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 def course_config(**changes: Any) -> PretrainConfig:
@@ -115,23 +127,15 @@ def course_config(**changes: Any) -> PretrainConfig:
     return dataclasses.replace(PretrainConfig(**sizes[runtime.scale()]), **changes)
 
 
-def artifacts_dir() -> Path:
-    """Where trained models are kept: ``$COURSE_ARTIFACTS`` if set, else ``artifacts/`` in the
-    course checkout (git-ignored), else ``./artifacts``."""
-    env = os.environ.get("COURSE_ARTIFACTS", "").strip()
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    return repo / "artifacts" if (repo / "notebooks").is_dir() else Path.cwd() / "artifacts"
-
-
 @dataclass
 class History:
-    """Per step: ``loss``, ``lr``, ``loads`` (one (n_moe_layers, E) share per step, as lists);
-    per evaluation: ``eval_steps``, ``accuracy``, ``worked_fraction``."""
+    """Per step: ``loss`` (the main next-token loss), ``lr``, ``mtp_loss`` (one float per MTP
+    depth), ``loads`` (one (n_moe_layers, E) share per step, as lists); per evaluation:
+    ``eval_steps``, ``accuracy``, ``worked_fraction``."""
 
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
+    mtp_loss: list[list[float]] = field(default_factory=list)
     loads: list[list[list[float]]] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
@@ -144,7 +148,7 @@ class Pretrainer:
 
     Batches come from the global torch RNG (seeded here), which :meth:`save` stores with the
     model and optimizer state, so ``train(a); save(); ...; resume(); train(b)`` gives the same
-    weights as ``train(a + b)``.
+    weights as ``train(a + b)`` on the CPU.
     """
 
     def __init__(self, config: PretrainConfig, device: torch.device | str | None = None):
@@ -155,23 +159,30 @@ class Pretrainer:
         self.corpus = self.task.training_tokens(config.n_train_lines, seed=config.seed,
                                                 worked_fraction=config.worked_fraction)
         self.model = DeepSeekForCausalLM(config.model_config(self.task.vocab_size)).to(self.device)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay),
-                                           lr=config.lr, betas=(0.9, 0.95))
         self.balancer = (AuxLossFreeBalancer(self.model)
                          if config.balance and self.model.moe_layers() else None)
         # One padded line a row, completion tokens only: every answer is learned at the
-        # positions it has when a prompt is answered. Measured at the default budget (mini
-        # DeepSeek, 1000 x 64): with line-aligned windows instead, the model's worked steps were
-        # right 2 % of the time and notebook 22's GRPO gained nothing (-0.5 points); with lines
-        # they are right 25 % of the time while greedy decoding still answers directly (0.065),
-        # and 150 GRPO steps lift greedy accuracy to 0.465, all in worked steps.
-        self.get_batch = self.task.lm_batches(self.corpus, config.batch_size, device=self.device,
-                                              layout=config.layout,
-                                              prompt_loss=config.prompt_loss)
+        # positions it has when a prompt is answered (see ArithmeticTask.lm_batches).
+        get_batch = self.task.lm_batches(self.corpus, config.batch_size, device=self.device,
+                                         layout=config.layout, prompt_loss=config.prompt_loss)
         self.eval_problems = self.task.problems(config.n_eval_problems, seed=config.seed + 1,
                                                 split="test")
         self.history = History()
-        self.step = 0
+        hooks: dict[str, Any] = {"after_step": self._after_step}
+        if config.mtp_depth:
+            hooks["compute_loss"] = mtp_loss_fn(config.mtp_lambda, record=self.history.mtp_loss)
+        self.trainer = Trainer(self.model, get_batch, config.steps, lr=config.lr,
+                               weight_decay=config.weight_decay, warmup_frac=config.warmup_frac,
+                               hooks=hooks, desc="pretraining")
+        self._progress: Any = None
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainer.optimizer
 
     def evaluate(self) -> EvalResult:
         """Greedy accuracy on the held-out problems (the model is left in training mode)."""
@@ -179,46 +190,26 @@ class Pretrainer:
         self.model.train()
         return result
 
+    def _after_step(self, model: torch.nn.Module, step: int, loss: float) -> None:
+        h, c = self.history, self.config
+        h.loss.append(loss)
+        h.lr.append(self.trainer.optimizer.param_groups[0]["lr"])
+        h.loads.append([(m.last_counts / m.last_counts.sum()).tolist()
+                        for m in self.model.moe_layers()])
+        if self.balancer is not None:
+            self.balancer.step()
+        done = step + 1
+        if done % c.eval_every == 0 or done == c.steps:
+            result = self.evaluate()
+            h.eval_steps.append(done)
+            h.accuracy.append(result.accuracy)
+            h.worked_fraction.append(result.worked_fraction)
+
     def train(self, n_steps: int | None = None, progress: bool = True) -> History:
         """Run ``n_steps`` more steps (default: to the end of the budget)."""
-        from tqdm.auto import tqdm
-
-        c = self.config
-        n_steps = c.steps - self.step if n_steps is None else n_steps
-        if not 0 <= n_steps <= c.steps - self.step:
-            raise ValueError(f"n_steps must be in [0, {c.steps - self.step}] (the budget left), "
-                             f"got {n_steps}")
-        model, h = self.model.train(), self.history
-        start = time.perf_counter()
-        bar = tqdm(range(n_steps), desc="pretraining", disable=not progress, mininterval=0.5)
-        for _ in bar:
-            lr = lr_schedule(self.step, c.steps, c.lr, c.warmup_frac)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            x, y = self.get_batch()
-            loss = language_model_loss(model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            self.optimizer.step()
-            loads = [(m.last_counts / m.last_counts.sum()).tolist() for m in model.moe_layers()]
-            if self.balancer is not None:
-                self.balancer.step()
-            self.step += 1
-            h.loss.append(loss.item())
-            h.lr.append(lr)
-            h.loads.append(loads)
-            if self.step % c.eval_every == 0 or self.step == c.steps:
-                result = self.evaluate()
-                h.eval_steps.append(self.step)
-                h.accuracy.append(result.accuracy)
-                h.worked_fraction.append(result.worked_fraction)
-                bar.set_postfix(loss=f"{h.loss[-1]:.3f}", acc=f"{result.accuracy:.2f}")
-            elif self.step % 20 == 0:
-                bar.set_postfix(loss=f"{h.loss[-1]:.3f}")
-        h.seconds += time.perf_counter() - start
-        model.eval()
-        return h
+        result = self.trainer.train(n_steps, progress=progress)
+        self.history.seconds = result.seconds
+        return self.history
 
     def loads_tensor(self) -> Tensor:
         """(steps, n_moe_layers, E) share of each layer's routed tokens per expert."""
@@ -228,52 +219,53 @@ class Pretrainer:
 
     def save(self, path: str | Path) -> Path:
         """Model, optimizer, RNG states, step, history and config, into directory ``path``."""
-        extra = {"config": dataclasses.asdict(self.config),
-                 "history": dataclasses.asdict(self.history)}
-        return save_training_state(path, self.model, self.optimizer, self.step, extra)
+        return self.trainer.save(path, {"config": self.config.spec(),
+                                        "history": dataclasses.asdict(self.history)})
 
     @classmethod
     def resume(cls, path: str | Path, device: torch.device | str | None = None) -> Pretrainer:
         """A Pretrainer continuing exactly where :meth:`save` left it."""
         meta = json.loads((Path(path) / "state.json").read_text())
-        raw = meta["extra"]["config"]
+        raw = dict(meta["extra"]["caller"]["config"])
         raw["overrides"] = tuple(tuple(kv) for kv in raw["overrides"])
         run = cls(PretrainConfig(**raw), device)
-        state = load_training_state(path, run.model, run.optimizer)
-        run.step = state["step"]
-        run.history = History(**state["extra"]["history"])
+        saved = run.trainer.resume(path)["history"]
+        for name, value in saved.items():  # in place: the MTP hook records into these lists
+            if isinstance(value, list):
+                getattr(run.history, name).extend(value)
+        run.history.seconds = saved["seconds"]
         return run
+
+
+def checkpoint_path(config: PretrainConfig, root: str | Path | None = None) -> Path:
+    """Where :func:`load_or_pretrain` keeps the model of ``config``: the artifact directory
+    named by the config and the current code (:func:`course_utils.artifacts.artifact_path`)."""
+    return artifact_path(ARTIFACT_KIND, config.spec(), root)
+
+
+def save_pretrained(model: DeepSeekForCausalLM, config: PretrainConfig,
+                    root: str | Path | None = None) -> Path:
+    """Save ``model``, trained by the run ``config``, where :func:`load_or_pretrain` will find
+    it (a Hugging Face checkpoint in :func:`checkpoint_path`). An intact artifact of the same
+    run and code that is already there is kept. Returns that directory."""
+    return load_or_build(ARTIFACT_KIND, config.spec(),
+                         build=lambda path: save_hf_checkpoint(model, path),
+                         load=lambda path: path, root=root)
 
 
 def load_or_pretrain(config: PretrainConfig | None = None, device: torch.device | str | None = None,
                      root: str | Path | None = None, progress: bool = True
                      ) -> DeepSeekForCausalLM:
     """The pretrained mini-DeepSeek of ``config`` (default :func:`course_config`, notebook
-    21's run): loaded from ``root/mini_deepseek-<key>/`` (``root`` defaults to
-    :func:`artifacts_dir`) when a previous run saved it, else trained now (minutes on a CPU)
-    and saved there as a Hugging Face checkpoint. Returned in eval mode on ``device``."""
+    21's run): loaded from its artifact (:func:`checkpoint_path`) when this code saved it
+    before, else trained now (minutes on a CPU) and saved there. Returned in eval mode on
+    ``device``."""
     config = config or course_config()
-    path = checkpoint_path(config, root)
-    if (path / "config.json").exists():
-        return load_hf_checkpoint(path, device=device)
-    run = Pretrainer(config, device)
-    run.train(progress=progress)
-    save_pretrained(run.model, config, root)
-    return run.model.eval()
 
+    def build(path: Path) -> None:
+        run = Pretrainer(config, device)
+        run.train(progress=progress)
+        save_hf_checkpoint(run.model, path)
 
-def checkpoint_path(config: PretrainConfig, root: str | Path | None = None) -> Path:
-    """Where :func:`load_or_pretrain` looks for the model of ``config``:
-    ``root/mini_deepseek-<config.key()>`` (``root`` defaults to :func:`artifacts_dir`)."""
-    return Path(root or artifacts_dir()) / f"mini_deepseek-{config.key()}"
-
-
-def save_pretrained(model: DeepSeekForCausalLM, config: PretrainConfig,
-                    root: str | Path | None = None) -> Path:
-    """Save ``model``, trained by the run ``config``, where :func:`load_or_pretrain` will find
-    it: a Hugging Face checkpoint plus ``pretrain_config.json`` in :func:`checkpoint_path`.
-    Returns that directory."""
-    path = save_hf_checkpoint(model, checkpoint_path(config, root))
-    (path / "pretrain_config.json").write_text(
-        json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
-    return path
+    return load_or_build(ARTIFACT_KIND, config.spec(), build,
+                         lambda path: load_hf_checkpoint(path, device=device).eval(), root)

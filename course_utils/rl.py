@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +40,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .arithmetic import ArithmeticTask, evaluate_accuracy
-from .data import ArithmeticProblem, check_completion, uses_worked_steps
+from .data import ArithmeticProblem, check_completion, is_well_formed, uses_worked_steps
 from .generation import CausalLM, generate
+from .train import make_optimizer
 
 __all__ = [
     "correctness_reward",
@@ -77,11 +76,6 @@ __all__ = [
 
 RewardFn = Callable[[ArithmeticProblem, str], float]
 
-# [0-9], not \d: Python's \d also matches other scripts' digits
-_STEP = r"[0-9]+\+[0-9]+=[0-9]+"
-_WELL_FORMED = re.compile(rf"<({_STEP}(?:;{_STEP})*)>[0-9]+\n")
-
-
 def correctness_reward(problem: ArithmeticProblem, completion: str) -> float:
     """1.0 when the completion's final answer equals the sum, else 0.0.
 
@@ -90,14 +84,6 @@ def correctness_reward(problem: ArithmeticProblem, completion: str) -> float:
     malformed or with extra characters scores 0.
     """
     return 1.0 if check_completion(problem, completion) else 0.0
-
-
-def is_well_formed(problem: ArithmeticProblem, completion: str) -> bool:
-    """True when the completion is ``<step;step;...>answer`` plus the end token, with one step
-    ``a+b=s`` per addition (``n_operands - 1`` of them), whatever the numbers say."""
-    line, newline, _ = completion.partition("\n")
-    match = _WELL_FORMED.fullmatch(line + newline)
-    return match is not None and len(match.group(1).split(";")) == len(problem.operands) - 1
 
 
 def format_reward(problem: ArithmeticProblem, completion: str) -> float:
@@ -588,11 +574,7 @@ def train_grpo(
     if reference is None and config.beta > 0:
         reference = make_reference(policy)
     if optimizer is None:
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("policy has no parameter that requires grad")
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99),
-                                      weight_decay=config.weight_decay)
+        optimizer = make_optimizer(policy, config.lr, config.weight_decay, betas=(0.9, 0.99))
     reward_fn = reward_fn or make_reward_fn(config.reward_weights)
     generator = torch.Generator(device=device).manual_seed(seed)
     history = GRPOHistory()
@@ -632,6 +614,15 @@ def grpo_training_problems(n: int = 4096, seed: int = 0) -> list[ArithmeticProbl
     return ArithmeticTask().problems(n, seed=seed, split="train")
 
 
+#: The artifact kind of notebook 22's GRPO-tuned model (:mod:`course_utils.artifacts`).
+ARTIFACT_KIND = "grpo"
+
+
+def _grpo_spec(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int) -> dict:
+    return {"pretrain": pretrain_config.spec(),  # type: ignore[attr-defined]
+            "grpo": dataclasses.asdict(grpo_config), "steps": steps, "seed": seed}
+
+
 def load_or_train_grpo(
     pretrain_config: object | None = None,
     grpo_config: GRPOConfig | None = None,
@@ -641,62 +632,49 @@ def load_or_train_grpo(
     root: str | Path | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """The GRPO-tuned mini-DeepSeek of notebook 22, loaded from ``root/grpo-<pretrain key>/``
-    (``root`` defaults to :func:`course_utils.pretrain.artifacts_dir`) when saved, else made
-    now: :func:`course_utils.pretrain.load_or_pretrain` of ``pretrain_config`` (default
-    :func:`~course_utils.pretrain.course_config`), then :func:`train_grpo` for ``steps`` steps
-    of ``grpo_config`` (default :class:`GRPOConfig`) on :func:`grpo_training_problems`, with
-    ``seed``; saved as a Hugging Face checkpoint with ``grpo_run.json`` naming the run.
-    Returned in eval mode on ``device``.
-
-    A saved checkpoint made with other GRPO settings raises ``ValueError`` instead of being
-    returned silently.
-    """
-    from .checkpoint import load_hf_checkpoint
+    """The GRPO-tuned mini-DeepSeek of notebook 22: loaded from its artifact
+    (:func:`grpo_checkpoint_path`, keyed by both configs, ``steps``, ``seed`` and the code) when
+    saved, else made now: :func:`course_utils.pretrain.load_or_pretrain` of ``pretrain_config``
+    (default :func:`~course_utils.pretrain.course_config`), then :func:`train_grpo` for
+    ``steps`` steps of ``grpo_config`` (default :class:`GRPOConfig`) on
+    :func:`grpo_training_problems`, with ``seed``. Returned in eval mode on ``device``."""
+    from .artifacts import load_or_build
+    from .checkpoint import load_hf_checkpoint, save_hf_checkpoint
     from .pretrain import course_config, load_or_pretrain
 
     pretrain_config = pretrain_config or course_config()
     grpo_config = grpo_config or GRPOConfig()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    path = grpo_checkpoint_path(pretrain_config, root)
-    run = _grpo_run(pretrain_config, grpo_config, steps, seed)
-    if (path / "config.json").exists() and (path / "grpo_run.json").exists():
-        saved = json.loads((path / "grpo_run.json").read_text())
-        if saved != run:
-            raise ValueError(f"{path} holds a GRPO run with other settings ({saved}); delete it "
-                             "or pass another root to train this one")
-        return load_hf_checkpoint(path, device=device).eval()
-    policy = load_or_pretrain(pretrain_config, device, root=root,  # type: ignore[arg-type]
-                              progress=progress)
-    train_grpo(policy, grpo_training_problems(seed=seed), steps, grpo_config, seed=seed,
-               progress=progress, desc="GRPO (notebook 22's run)")
-    save_grpo_checkpoint(policy, pretrain_config, grpo_config, steps, seed, root)
-    return policy.eval()
+
+    def build(path: Path) -> None:
+        policy = load_or_pretrain(pretrain_config, device, root=root,  # type: ignore[arg-type]
+                                  progress=progress)
+        train_grpo(policy, grpo_training_problems(seed=seed), steps, grpo_config, seed=seed,
+                   progress=progress, desc="GRPO (notebook 22's run)")
+        save_hf_checkpoint(policy, path)  # type: ignore[arg-type]
+
+    return load_or_build(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
+                         build, lambda path: load_hf_checkpoint(path, device=device).eval(), root)
 
 
-def _grpo_run(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int) -> dict:
-    run = {"pretrain_key": pretrain_config.key(),  # type: ignore[attr-defined]
-           "grpo_config": dataclasses.asdict(grpo_config), "steps": steps, "seed": seed}
-    return json.loads(json.dumps(run))  # as it reads back from disk
+def grpo_checkpoint_path(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int,
+                         root: str | Path | None = None) -> Path:
+    """Where :func:`load_or_train_grpo` keeps the GRPO run of these settings (``root`` defaults
+    to :func:`course_utils.artifacts.artifacts_dir`)."""
+    from .artifacts import artifact_path
 
-
-def grpo_checkpoint_path(pretrain_config: object, root: str | Path | None = None) -> Path:
-    """``root/grpo-<pretrain key>``: where notebook 22 saves its GRPO-tuned model (``root``
-    defaults to :func:`course_utils.pretrain.artifacts_dir`)."""
-    from .pretrain import artifacts_dir
-
-    return Path(root or artifacts_dir()) / f"grpo-{pretrain_config.key()}"  # type: ignore
+    return artifact_path(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
+                         root)
 
 
 def save_grpo_checkpoint(policy: nn.Module, pretrain_config: object, grpo_config: GRPOConfig,
                          steps: int, seed: int, root: str | Path | None = None) -> Path:
-    """Save a GRPO-tuned model where :func:`load_or_train_grpo` finds it, with
-    ``grpo_run.json`` recording the run (pretrain key, GRPO settings, steps, seed)."""
+    """Save a GRPO-tuned model where :func:`load_or_train_grpo` finds it (an intact artifact
+    of the same run and code already there is kept). Returns the directory."""
+    from .artifacts import load_or_build
     from .checkpoint import save_hf_checkpoint
 
-    path = grpo_checkpoint_path(pretrain_config, root)
-    save_hf_checkpoint(policy, path)  # type: ignore[arg-type]
-    run = _grpo_run(pretrain_config, grpo_config, steps, seed)
-    (path / "grpo_run.json").write_text(json.dumps(run, indent=2) + "\n")
-    return path
+    return load_or_build(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
+                         lambda path: save_hf_checkpoint(policy, path),  # type: ignore[arg-type]
+                         lambda path: path, root)

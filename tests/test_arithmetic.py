@@ -17,8 +17,8 @@ from course_utils.decoder import DecoderConfig, TinyDecoder
 def test_sizes_of_the_default_task():
     task = ArithmeticTask()
     assert task.prompt_length == len("07+45+13=") == 9
-    assert task.max_completion_length == len("<07+45=052;052+13=065>065\n") == 26
-    assert task.max_line_length == 35
+    assert task.max_completion_length == len("<7+5+3=15;0+4+1+1=06>065\n") == 25
+    assert task.max_line_length == 34
     assert task.tokenizer.decode([task.eos_token_id]) == "\n"
     assert ArithmeticTask(2, 1).prompt_length == len("3+4=")
 
@@ -69,8 +69,9 @@ def test_lm_batches_start_at_line_starts_and_shift_by_one():
 def test_lm_batches_default_block_and_errors():
     task = ArithmeticTask()
     corpus = task.training_tokens(50)
-    x, y = task.lm_batches(corpus, 4)()  # default layout: one padded line a row
-    assert x.shape == (4, task.max_line_length - 1) and (y == -100).any()
+    x, y = task.lm_batches(corpus, 4, prompt_loss=False)()  # default: one padded line a row
+    assert x.shape == (4, task.max_line_length - 1)
+    assert (y[:, :task.prompt_length - 1] == -100).all()
     x, _ = task.lm_batches(corpus, 4, layout="windows")()
     assert x.shape == (4, task.max_line_length)
     with pytest.raises(ValueError, match="block_size"):
@@ -79,6 +80,26 @@ def test_lm_batches_default_block_and_errors():
         task.lm_batches(corpus, 4, block_size=20)
     with pytest.raises(ValueError, match="batch_size"):
         task.lm_batches(corpus, 0)
+
+
+def test_line_tensors_are_every_line_in_order_as_batches_show_them():
+    task = ArithmeticTask()
+    problems = task.problems(3, seed=5)
+    text = "".join(p.prompt + a for p, a in zip(problems, (problems[0].direct_answer,
+                                                           problems[1].worked_answer,
+                                                           problems[2].direct_answer), strict=True))
+    x, y = task.line_tensors(task.corpus_from_text(text))
+    assert x.shape == y.shape == (3, task.max_line_length - 1)
+    line = problems[1].prompt + problems[1].worked_answer
+    assert task.tokenizer.decode(x[1].tolist()) == line[:-1]
+    # targets: the completion only, shifted by one; -100 on the prompt and after the end token
+    assert (y[:, : task.prompt_length - 1] == -100).all()
+    completion = y[1, task.prompt_length - 1:].tolist()
+    assert task.tokenizer.decode(completion) == problems[1].worked_answer
+    n_direct = len(problems[0].direct_answer)
+    assert (y[0, task.prompt_length - 1 + n_direct:] == -100).all()
+    _, with_prompt = task.line_tensors(task.corpus_from_text(text), prompt_loss=True)
+    assert (with_prompt[:, : task.prompt_length - 1] != -100).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -115,7 +136,7 @@ def test_oracle_model_scores_one_and_wrong_model_zero():
     worked = evaluate_accuracy(oracle(worked=True), problems)
     assert worked.accuracy == 1.0 and worked.worked_fraction == 1.0
     assert worked.accuracy_worked == 1.0 and math.isnan(worked.accuracy_direct)
-    assert worked.mean_length == 26.0
+    assert worked.mean_length == 25.0
     bad = evaluate_accuracy(wrong_model(), problems)
     assert bad.accuracy == 0.0 and not bad.correct.any()
 
@@ -166,7 +187,7 @@ def test_lm_batches_lines_layout_pads_and_masks():
     lines = task.tokenizer.decode(corpus.ids).splitlines(keepends=True)
     x, y = task.lm_batches(corpus, 64, layout="lines",
                            generator=torch.Generator().manual_seed(0))()
-    assert x.shape == y.shape == (64, 34)
+    assert x.shape == y.shape == (64, 33)
     for xi, yi in zip(x, y, strict=True):
         learned = task.tokenizer.decode(yi[yi != -100])
         line = task.tokenizer.decode(xi[:1]) + learned
@@ -196,3 +217,10 @@ def test_corpus_from_text_measures_the_mix_and_rejects_bad_text():
         task.corpus_from_text("07+45+13=065")
     with pytest.raises(ValueError, match="alphabet"):
         task.corpus_from_text("07+45+13=065 \n")
+
+
+def test_a_batch_larger_than_the_data_is_refused():
+    task = ArithmeticTask()
+    corpus = task.training_tokens(20, seed=0)
+    with pytest.raises(ValueError, match="batch_size=21 is larger than the data"):
+        task.lm_batches(corpus, 21)

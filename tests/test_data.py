@@ -27,7 +27,7 @@ def test_corpora_are_stable_across_machines():
     assert _sha(data.make_arithmetic_corpus(500, seed=0)) == GOLDEN["arithmetic"]
 
 
-GOLDEN = {"story": "d2b8ae088db908fb", "arithmetic": "7dd0358e1d1e8763"}
+GOLDEN = {"story": "d2b8ae088db908fb", "arithmetic": "32be68c737ecc8fd"}
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
@@ -53,8 +53,30 @@ def test_problem_formats():
     p = ArithmeticProblem((7, 45, 13))
     assert p.prompt == "07+45+13="
     assert p.direct_answer == "065\n"
-    assert p.worked_answer == "<07+45=052;052+13=065>065\n"
+    assert p.worked_steps == ["7+5+3=15", "0+4+1+1=06"]  # units, then tens plus the carry
+    assert p.worked_answer == "<7+5+3=15;0+4+1+1=06>065\n"
     assert ArithmeticProblem((3, 4), n_digits=1).worked_answer == "<3+4=07>07\n"
+    assert ArithmeticProblem((99, 99, 99)).worked_answer == "<9+9+9=27;9+9+9+2=29>297\n"
+    assert ArithmeticProblem((1234, 5678), 4).worked_answer == (
+        "<4+8=12;3+7+1=11;2+6+1=09;1+5+0=06>06912\n")
+
+
+@given(st.lists(st.integers(0, 9999), min_size=2, max_size=9), st.integers(1, 4))
+def test_column_steps_add_up_to_the_answer(ops, n_digits):
+    p = ArithmeticProblem(tuple(x % 10**n_digits for x in ops), n_digits)
+    sums = [int(step.partition("=")[2]) for step in p.worked_steps]
+    # the answer is the last column's sum, then each earlier column's units digit
+    read_off = int(str(sums[-1]) + "".join(str(s % 10) for s in reversed(sums[:-1])))
+    assert read_off == p.answer
+    assert data.is_well_formed(p, p.worked_answer) and data.steps_correct(p, p.worked_answer)
+    assert not data.steps_correct(p, p.direct_answer)
+
+
+def test_step_correctness_is_judged_apart_from_the_answer():
+    p = ArithmeticProblem((7, 45, 13))
+    assert data.steps_correct(p, "<7+5+3=15;0+4+1+1=06>064\n")      # right steps, wrong answer
+    assert not data.steps_correct(p, "<7+5+3=19;0+4+1+1=06>065\n")  # a wrong step
+    assert not data.steps_correct(p, "<7+5+3=15>065\n")             # a missing step
 
 
 def test_worked_fraction_and_lengths():
@@ -88,9 +110,9 @@ def test_verifier_accepts_both_formats_of_the_right_answer(ops):
 @pytest.mark.parametrize("completion, expected", [
     ("065\n", 65),
     ("065\n12+", 65),               # text after the end token is ignored
-    ("<07+45=052;052+13=065>065\n", 65),
+    ("<7+5+3=15;0+4+1+1=06>065\n", 65),
     ("065", None),                  # never finished
-    ("<07+45=052;052+13=065065\n", None),  # worked block never closed
+    ("<7+5+3=15;0+4+1+1=06065\n", None),  # worked block never closed
     ("<07+45=05x>065\n", None),     # junk inside the block
     ("<>065\n", 65),
     ("\n", None),                   # empty answer

@@ -91,7 +91,7 @@ def test_sft_tensors_train_on_completion_tokens_only():
     p1, p2 = ArithmeticProblem((7, 45, 13)), ArithmeticProblem((1, 2, 3))
     inputs, targets = distill.sft_tensors([p1, p2], [p1.worked_answer, p2.direct_answer])
     task = ArithmeticTask()
-    assert inputs.shape == targets.shape == (2, 9 + 26 - 1)
+    assert inputs.shape == targets.shape == (2, 9 + 25 - 1)
     learned = [task.tokenizer.decode(t[t != -100]) for t in targets]
     assert learned == [p1.worked_answer, p2.direct_answer]
     assert (targets[:, :8] == -100).all()  # prompt positions predict prompt tokens: ignored

@@ -211,14 +211,14 @@ def test_cached_chunks_equal_the_full_forward_and_absorb_changes_nothing():
         assert _rel(changed[:, -1], full[:, -1]) > 1e-3
 
 
-def test_forward_with_hidden_is_the_pre_norm_residual_stream():
+def test_forward_with_hidden_is_the_final_normed_hidden_state():
     model = _tiny()
     ids = torch.randint(0, 24, (1, 6))
     with torch.no_grad():
         logits, hidden = model.forward_with_hidden(ids)
         assert torch.equal(logits, model(ids))
-        assert torch.equal(logits, model.lm_head(model.model.norm(hidden)))
-        assert torch.equal(model.model(ids), model.model.norm(hidden))
+        assert torch.equal(logits, model.lm_head(hidden))
+        assert torch.equal(hidden, model.model.norm(model.model.residual_stream(ids)))
         assert hidden.shape == (1, 6, 32)
 
 
@@ -282,3 +282,13 @@ def test_training_moves_the_v3_bias_only_through_the_balancer():
     assert all(not torch.equal(b, m.gate.e_score_correction_bias)
                for b, m in zip(biases, model.moe_layers(), strict=True))
     assert dataclasses.replace(model.config) == model.config
+
+
+def test_parameter_counts_leave_out_the_mtp_module():
+    c = DeepSeekConfig(**TINY)
+    plain = DeepSeekForCausalLM(c)
+    with_mtp = DeepSeekForCausalLM(DeepSeekConfig(**{**TINY, "num_nextn_predict_layers": 1}))
+    assert with_mtp.num_parameters() == plain.num_parameters()
+    assert with_mtp.num_active_parameters() == plain.num_active_parameters()
+    mtp = sum(p.numel() for p in with_mtp.mtp.parameters())
+    assert mtp > 0 and sum(p.numel() for p in with_mtp.parameters()) == plain.num_parameters() + mtp

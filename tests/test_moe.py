@@ -401,29 +401,59 @@ class _CausalMeanLM(torch.nn.Module):
         return self.head(x + self.moe(x))
 
 
-def test_balancing_study_runs_four_methods_at_equal_budget():
+def test_balancing_study_runs_every_arm_at_equal_budget():
     from course_utils import moe_training as mt
 
     cfg = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4,
                     num_experts_per_tok=2)
     runs = mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), steps=25, batch_size=8,
-                                  block_size=16, n_train_lines=300, n_eval_problems=8,
+                                  aux_alphas=(0.01, 1.0), n_train_lines=300, n_eval_problems=8,
                                   lr=1e-2, gamma=0.01, progress=False)
-    assert list(runs) == list(mt.METHODS)
+    assert list(runs) == ["none", "switch α=0.01", "switch α=1", "bias", "bias+seq"]
+    assert [(r.method, r.alpha) for r in runs.values()][1:3] == [("switch", 0.01),
+                                                                ("switch", 1.0)]
     for name, run in runs.items():
         assert run.loads.shape == (25, 1, 4)
         torch.testing.assert_close(run.loads.sum(-1), torch.ones(25, 1))
         assert sum(run.losses[-5:]) < sum(run.losses[:5]), name  # it learns
-        assert 0.0 <= run.accuracy <= 1.0
+        assert 0.0 <= run.accuracy <= 1.0 and run.eval_loss > 0
         moved = run.biases[-1].abs().sum().item()
         assert (moved > 0) == name.startswith("bias"), name
     # same seed, same init and batches: the first step's loss is identical in every run
     first = {round(r.losses[0], 5) for r in runs.values()}
     assert len(first) == 1
+    # a weight-1 Switch loss balances the router harder than a weight-0.01 one
+    assert runs["switch α=1"].max_over_mean()[-5:].mean() < runs["none"].max_over_mean()[-5:].mean()
     rows = mt.summarize(runs, last=5)
-    assert [r["method"] for r in rows] == list(mt.METHODS)
+    assert [r["method"] for r in rows] == list(runs)
     with pytest.raises(ValueError, match="method"):
         mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), methods=["magic"])
+    with pytest.raises(ValueError, match="aux_alphas"):
+        mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), aux_alphas=(0.0,))
+    with pytest.raises(ValueError, match="batch_size"):
+        mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), batch_size=400, n_train_lines=300)
+    with pytest.raises(ValueError, match="steps"):
+        mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), steps=0)
+
+
+def test_summary_over_seeds_gives_each_figure_its_spread():
+    from course_utils import moe_training as mt
+
+    def run(seed, acc):
+        r = mt.BalancingRun("bias", seed=seed, losses=[1.0, 0.5], eval_loss=0.4 + seed,
+                            accuracy=acc, loads=torch.full((2, 1, 4), 0.25))
+        return {"bias": r}
+
+    table = mt.summarize_over_seeds({0: run(0, 0.5), 1: run(1, 0.7), 2: run(2, 0.9)}, last=2)
+    acc = table["bias"]["accuracy"]
+    assert acc.values == (0.5, 0.7, 0.9) and acc.min == 0.5 and acc.max == 0.9
+    assert acc.mean == pytest.approx(0.7)
+    assert table["bias"]["eval_loss"].values == (0.4, 1.4, 2.4)
+    assert table["bias"]["max_over_mean"].mean == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same arms"):
+        mt.summarize_over_seeds({0: run(0, 0.5), 1: {}})
+    with pytest.raises(ValueError, match="empty"):
+        mt.summarize_over_seeds({})
 
 
 def test_greedy_accuracy_of_a_model_that_only_stops_is_zero():

@@ -167,3 +167,58 @@ def test_cache_truncate_rolls_back_and_checks_its_argument():
     torch.testing.assert_close(keys[:, :, 3], k[:, :, 0] + 1)
     with pytest.raises(ValueError, match="length"):
         cache.truncate(9)
+
+
+def test_masked_targets_are_ignored_not_embedded():
+    """Completion-only batches carry -100 targets (prompt, padding). Depth k reads the token
+    k steps ahead from the inputs, so masking a target changes no logit, and the loss skips
+    exactly the masked positions."""
+    model = _model(1, num_nextn_predict_layers=2)
+    x, y = _batch(5)
+    masked = y.clone()
+    masked[:, :3] = -100
+    masked[1, 7:] = -100
+    plain, out = mtp_forward(model, x, y), mtp_forward(model, x, masked)
+    for a, b in zip(plain.mtp_logits, out.mtp_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _, total = mtp_loss_fn(0.3)(model, x, masked)
+    main = language_model_loss(out.logits, masked)
+    depth = [language_model_loss(logits, masked[:, k:])
+             for k, logits in enumerate(out.mtp_logits, start=1)]
+    torch.testing.assert_close(total, main + 0.3 * sum(depth) / 2)
+    assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mtp_module_equals_transformers_mtp_path(tmp_path, seed):
+    """transformers' MtpModel (what generate(use_mtp=True) drafts with) loads our saved MTP
+    layer and gives the same depth-1 logits: it reads the main model's final (normed) hidden
+    state, concatenates [enorm(embedding); hnorm(hidden)] and applies shared_head.norm (its
+    post_norm) before the shared head."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_layers import MtpModel
+
+    from course_utils.checkpoint import save_hf_checkpoint
+
+    model = _model(seed)
+    with torch.no_grad():  # norms away from 1, so a missing or misplaced norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
+    save_hf_checkpoint(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    # transformers finds the MTP weights by DeepSeek-V3's own layer number (model.layers.61.*);
+    # a tiny model stores them after its own last layer, as the release does after its 61st
+    layers = model.config.num_hidden_layers
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{layers}.*"]
+    hf_mtp = MtpModel.from_pretrained(hf).eval()
+    x, y = _batch(seed, t=9)
+    with torch.no_grad():
+        ours = mtp_forward(model, x, y)
+        out = hf(x, output_hidden_states=True)
+        torch.testing.assert_close(out.logits, ours.logits, rtol=1e-4, atol=1e-5)
+        last = out.hidden_states[-1][:, :-1]
+        positions = torch.arange(1, x.shape[1])[None]  # the embedded tokens' positions
+        h = hf_mtp.forward_layer(0, last, positions, None, input_ids=x[:, 1:])
+        theirs = hf_mtp._project_to_logits(h)
+    torch.testing.assert_close(theirs, ours.mtp_logits[0], rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ load_or_pretrain, and argument checks."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -52,7 +53,7 @@ def test_history_records_loads_and_evaluations():
 def test_load_or_pretrain_trains_once_then_loads(tmp_path):
     model = load_or_pretrain(SMALL, root=tmp_path, progress=False)
     (saved,) = tmp_path.iterdir()
-    assert saved.name == f"mini_deepseek-{SMALL.key()}"
+    assert saved == checkpoint_path(SMALL, tmp_path) and saved.name.startswith("mini_deepseek-")
     again = load_or_pretrain(SMALL, root=tmp_path, progress=False)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
@@ -62,8 +63,8 @@ def test_save_pretrained_is_what_load_or_pretrain_loads(tmp_path):
     run = Pretrainer(SMALL)
     run.train(2, progress=False)
     path = save_pretrained(run.model, SMALL, root=tmp_path)
-    assert path == checkpoint_path(SMALL, tmp_path) == tmp_path / f"mini_deepseek-{SMALL.key()}"
-    assert (path / "pretrain_config.json").exists()
+    assert path == checkpoint_path(SMALL, tmp_path)
+    assert json.loads((path / "artifact.json").read_text())["spec"] == SMALL.spec()
     loaded = load_or_pretrain(SMALL, root=tmp_path, progress=False)  # loads, trains nothing
     for (name, a), b in zip(run.model.state_dict().items(), loaded.state_dict().values(),
                             strict=True):
@@ -71,13 +72,27 @@ def test_save_pretrained_is_what_load_or_pretrain_loads(tmp_path):
 
 
 def test_configs_differ_by_key_and_validate():
-    assert SMALL.key() != dataclasses.replace(SMALL, steps=7).key()
+    assert checkpoint_path(SMALL) != checkpoint_path(dataclasses.replace(SMALL, steps=7))
     dense = Pretrainer(dataclasses.replace(SMALL, dense=True))
     assert not dense.model.moe_layers() and dense.balancer is None
     with pytest.raises(ValueError, match="steps"):
         PretrainConfig(steps=0)
     with pytest.raises(ValueError, match="worked_fraction"):
         PretrainConfig(worked_fraction=1.5)
+    with pytest.raises(ValueError, match="batch_size=128 is larger than the data"):
+        PretrainConfig(n_train_lines=10)
+    with pytest.raises(ValueError, match="mtp_depth"):
+        PretrainConfig(mtp_depth=-1)
+
+
+def test_the_run_trains_mtp_with_its_lambda():
+    run = Pretrainer(SMALL)
+    assert len(run.model.mtp) == SMALL.mtp_depth == 1
+    run.train(progress=False)
+    assert len(run.history.mtp_loss) == SMALL.steps and all(len(d) == 1
+                                                            for d in run.history.mtp_loss)
+    no_mtp = Pretrainer(dataclasses.replace(SMALL, mtp_depth=0))
+    assert len(no_mtp.model.mtp) == 0
 
 
 def test_course_config_follows_the_scale(monkeypatch):
@@ -100,8 +115,9 @@ def test_the_gpu_scale_run_trains(monkeypatch):
     monkeypatch.setenv("COURSE_SCALE", "gpu")
     config = course_config()
     assert config.preset == "gpu" and config.steps > PretrainConfig().steps
-    assert config.key() != PretrainConfig().key()
+    assert checkpoint_path(config) != checkpoint_path(PretrainConfig())
     run = Pretrainer(dataclasses.replace(config, steps=2, eval_every=2, n_eval_problems=2), "cpu")
-    assert 13_000_000 < run.model.num_parameters() < 15_000_000  # 'gpu': about 14M (README)
+    trunk = run.model.num_parameters()  # the MTP module is not counted
+    assert 13_000_000 < trunk < 15_000_000  # 'gpu': about 14M (README), plus the MTP module
     run.train(progress=False)
     assert len(run.history.loss) == 2 and all(math.isfinite(v) for v in run.history.loss)

@@ -21,23 +21,24 @@ P = ArithmeticProblem((7, 45, 13))  # 065
 @pytest.mark.parametrize("completion, right, well_formed", [
     ("065\n", 1.0, 0.0),
     ("65\n", 1.0, 0.0),                          # unpadded but the same number
-    ("<07+45=052;052+13=065>065\n", 1.0, 1.0),
-    ("<07+45=052;052+13=065>065\njunk", 1.0, 1.0),  # text after the end token is ignored
-    ("<07+45=099;099+13=065>065\n", 1.0, 1.0),   # wrong steps, right answer: format only
-    ("<07+45=052;052+13=064>064\n", 0.0, 1.0),   # well formed but wrong
-    ("<07+45=052>065\n", 1.0, 0.0),              # one step missing
-    ("<07+45=052;052+13=065;0+0=0>065\n", 1.0, 0.0),  # one step too many
+    ("<7+5+3=15;0+4+1+1=06>065\n", 1.0, 1.0),
+    ("<7+5+3=15;0+4+1+1=06>065\njunk", 1.0, 1.0),  # text after the end token is ignored
+    ("<7+5+3=19;0+4+1+1=99>065\n", 1.0, 1.0),   # wrong steps, right answer: format only
+    ("<7+5+3=15;0+4+1+1=06>064\n", 0.0, 1.0),   # well formed but wrong
+    ("<7+5+3=15>065\n", 1.0, 0.0),              # one step missing
+    ("<7+5+3=15;0+4+1+1=06;0+0=00>065\n", 1.0, 0.0),  # one step too many
+    ("<07=07;45=45>065\n", 1.0, 0.0),            # steps that add nothing
     ("065", 0.0, 0.0),                           # unterminated: never said it finished
-    ("<07+45=052;052+13=065>065", 0.0, 0.0),
-    ("<07+45=052;052+13=065065\n", 0.0, 0.0),    # block never closed
-    ("<07+45=052;;052+13=065>065\n", 1.0, 0.0),  # empty step
+    ("<7+5+3=15;0+4+1+1=06>065", 0.0, 0.0),
+    ("<7+5+3=15;0+4+1+1=06065\n", 0.0, 0.0),    # block never closed
+    ("<7+5+3=15;;0+4+1+1=06>065\n", 1.0, 0.0),  # empty step
     ("<>065\n", 1.0, 0.0),
     ("\n", 0.0, 0.0),
     ("", 0.0, 0.0),
     ("0 65\n", 0.0, 0.0),
     ("065+\n", 0.0, 0.0),
     ("٠٦٥\n", 0.0, 0.0),                        # Arabic-Indic digits are not ours
-    ("<٠٧+45=052;052+13=065>065\n", 0.0, 0.0),   # a block of foreign digits is malformed
+    ("<٧+5+3=15;0+4+1+1=06>065\n", 0.0, 0.0),   # a block of foreign digits is malformed
     ("065\n065\n", 1.0, 0.0),
     ("066\n065\n", 0.0, 0.0),                    # only the first line counts
 ])
@@ -48,7 +49,7 @@ def test_verifier_and_format_reward_edge_cases(completion, right, well_formed):
 
 def test_combined_rewards_use_named_weights_and_custom_verifiers():
     fn = rl.make_reward_fn({"correctness": 1.0, "format": 0.25})
-    completions = ["065\n", "<07+45=052;052+13=065>065\n", "<07+45=052;052+13=064>064\n", "6"]
+    completions = ["065\n", "<7+5+3=15;0+4+1+1=06>065\n", "<7+5+3=15;0+4+1+1=06>064\n", "6"]
     out = fn([P] * 4, completions)
     assert out.total.tolist() == [1.0, 1.25, 0.25, 0.0]
     assert out.components["format"].tolist() == [0.0, 1.0, 1.0, 0.0]
@@ -366,13 +367,12 @@ def test_load_or_train_grpo_trains_saves_then_loads(tmp_path):
                          n_eval_problems=4)
     cfg = rl.GRPOConfig(prompts_per_step=2, group_size=2)
     trained = rl.load_or_train_grpo(pre, cfg, "cpu", steps=2, root=tmp_path, progress=False)
-    path = rl.grpo_checkpoint_path(pre, tmp_path)
-    assert path.name == f"grpo-{pre.key()}" and (path / "grpo_run.json").exists()
-    run = json.loads((path / "grpo_run.json").read_text())
-    assert run["steps"] == 2 and run["pretrain_key"] == pre.key()
-    assert run["grpo_config"]["group_size"] == 2
+    path = rl.grpo_checkpoint_path(pre, cfg, 2, 0, tmp_path)
+    spec = json.loads((path / "artifact.json").read_text())["spec"]
+    assert spec["steps"] == 2 and spec["pretrain"] == pre.spec()
+    assert spec["grpo"]["group_size"] == 2
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     loaded = rl.load_or_train_grpo(pre, cfg, "cpu", steps=2, root=tmp_path, progress=False)
     torch.testing.assert_close(loaded(ids), trained(ids), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="other settings"):
-        rl.load_or_train_grpo(pre, cfg, "cpu", steps=3, root=tmp_path, progress=False)
+    # other settings are another artifact, never the saved one
+    assert rl.grpo_checkpoint_path(pre, cfg, 3, 0, tmp_path) != path

@@ -102,9 +102,11 @@ def _describe_failure(path: Path, err: Exception) -> str:
     return f"{path.name}: {where} failed with {ename}: {evalue}{source}"
 
 
-def execute_notebook(path: Path, output: Path, timeout_s: int = 600) -> float:
+def execute_notebook(path: Path, output: Path, timeout_s: int = 600,
+                     cwd: Path | None = None) -> float:
     """Run ``path`` top to bottom in a fresh ``python3`` kernel (this interpreter's), working
-    directory ``notebooks/``; write the executed copy to ``output``. Returns seconds taken.
+    directory ``cwd`` (default: the notebook's folder, ``notebooks/``); write the executed copy
+    to ``output``. Returns seconds taken.
 
     A failing cell raises :class:`NotebookFailed` naming the notebook and the cell; a cell that
     runs longer than ``timeout_s`` fails the same way.
@@ -116,7 +118,7 @@ def execute_notebook(path: Path, output: Path, timeout_s: int = 600) -> float:
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(path), str(output), kernel_name=KERNEL_NAME, cwd=str(path.parent),
+            str(path), str(output), kernel_name=KERNEL_NAME, cwd=str(cwd or path.parent),
             progress_bar=False, execution_timeout=timeout_s, log_output=False,
         )
     except PapermillExecutionError as err:
