@@ -53,7 +53,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# The training notebooks for seeds 0-4 (not part of `make test`; about 80 minutes on 2 cores):
+# The training notebooks for seeds 0-4 (not part of `make test`; about 90 minutes on 2 cores):
 # every assert must hold for each seed; writes notebooks/SEEDS.md.
 seeds: setup
 	$(PY) tools/seeds.py $(ARGS)

@@ -35,7 +35,7 @@ ROWS = [  # (file stem, title, builds, verified against)
 ("16_mixture_of_experts_the_idea", "Mixture of experts, the idea", "dense vs sparse FFN, top-k router", "router by hand; sparse loop == dense gate-matrix reference"),
 ("17_deepseek_moe_hands_on", "DeepSeekMoE hands-on", "fine-grained + shared experts, V2/V3 routers, group-limited routing, fast dispatch", "transformers DeepseekV2/V3 MoE"),
 ("18_balancing_the_experts", "Balancing the experts", "routing collapse, auxiliary losses at three weights, V3 auxiliary-loss-free bias: balance vs answer accuracy", "expert loads and biases over training; 3 seeds per arm; claims over seeds 0-4"),
-("19_multi_token_prediction", "Multi-token prediction", "V3's MTP modules and loss; speculative decoding", "depth-k alignment; transformers' MTP path (tests); speculative == greedy decoding"),
+("19_multi_token_prediction", "Multi-token prediction", "V3's MTP modules and loss; with vs without MTP over 3 seeds; speculative decoding", "depth-k alignment; transformers' MTP path (tests); speculative == greedy decoding; claims over seeds 0-4"),
 ("20_fp8_quantization", "FP8 quantization", "e4m3/e5m2, tile and block scaling, FP8 GEMM", "error vs fp32; torch float8 dtypes"),
 ("21_mini_deepseek", "Mini-DeepSeek", "the whole model with MTP, pretraining until its worked steps are right, checkpoints, HF interop", "transformers DeepseekV3ForCausalLM; claims over seeds 0-4"),
 ("22_grpo", "GRPO", "rule-based rewards, group-relative advantages, R1-Zero style run", "unit tests of each term; reward curve; claims over seeds 0-4"),
