@@ -91,8 +91,14 @@ def test_the_run_trains_mtp_with_its_lambda():
     run.train(progress=False)
     assert len(run.history.mtp_loss) == SMALL.steps and all(len(d) == 1
                                                             for d in run.history.mtp_loss)
+    # the loss the trainer minimises is the main loss plus lambda times the recorded depth loss
+    heavy = Pretrainer(dataclasses.replace(SMALL, mtp_lambda=0.9))
+    x, y = heavy.trainer.get_batch()
+    main, total = heavy.trainer.hooks["compute_loss"](heavy.model, x, y)
+    depth = heavy.history.mtp_loss[-1][0]
+    assert depth > 0 and total.item() == pytest.approx(main.item() + 0.9 * depth, rel=1e-5)
     no_mtp = Pretrainer(dataclasses.replace(SMALL, mtp_depth=0))
-    assert len(no_mtp.model.mtp) == 0
+    assert len(no_mtp.model.mtp) == 0 and "compute_loss" not in no_mtp.trainer.hooks
 
 
 def test_course_config_follows_the_scale(monkeypatch):
