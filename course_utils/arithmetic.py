@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import (
     ArithmeticProblem,
@@ -34,6 +34,7 @@ from .data import (
     uses_worked_steps,
 )
 from .generation import CausalLM, generate
+from .runtime import seed_everything
 from .tokenizer import ARITHMETIC_ALPHABET, CharTokenizer
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "evaluate_accuracy",
     "generate_completions",
     "pass_at_k",
+    "TaskRun",
+    "train_on_task",
 ]
 
 #: Room past the longest well-formed completion before generation stops (the model may write
@@ -75,7 +78,7 @@ class ArithmeticTask:
 
     >>> task = ArithmeticTask()
     >>> task.prompt_length, task.max_completion_length, task.eos_token_id
-    (9, 26, 0)
+    (9, 25, 0)
     """
 
     n_operands: int = 3
@@ -199,10 +202,10 @@ class ArithmeticTask:
         :attr:`max_line_length` (width ``max_line_length - 1``); targets past its end token
         are -100 (ignored). Every answer is learned at the positions it has at evaluation,
         where the prompt starts at position 0 with no context. The price is padding (a direct
-        line is 13 of 35 tokens), and it is worth it: a 342K-parameter TinyDecoder (learned
-        absolute positions) trained 1000 steps of 128 rows reached greedy accuracy 0.92 with
-        lines and 0.07 with windows (measured on this course's 2-core CPU; see the track's
-        report). ``prompt_loss=False`` also sets the prompt's targets to -100, so only
+        line is 13 of :attr:`max_line_length` = 34 tokens at the default size); a model with
+        learned absolute positions needs it, since with windows an answer appears at positions
+        it never has at evaluation. ``prompt_loss=False`` also sets the prompt's targets to
+        -100, so only
         completions are learned (the prompt's random digits cannot be predicted anyway).
 
         ``layout="windows"``: row i is ``ids[s_i : s_i + block_size]`` where ``s_i`` is a
@@ -454,3 +457,80 @@ def evaluate_accuracy(
         correct=correct,
         seconds=time.perf_counter() - start,
     )
+
+
+@dataclass
+class TaskRun:
+    """One :func:`train_on_task` run: the trained ``model`` (in eval mode), its per-step
+    ``losses``, held-out greedy ``accuracy`` measured after each step in ``steps``, and the
+    training ``seconds`` (evaluations excluded)."""
+
+    model: nn.Module
+    losses: list[float]
+    steps: list[int]
+    accuracy: list[float]
+    seconds: float
+
+    @property
+    def final_accuracy(self) -> float:
+        """Greedy accuracy of the trained model on the held-out problems."""
+        return self.accuracy[-1]
+
+
+def train_on_task(
+    build_model: Callable[[], nn.Module],
+    task: ArithmeticTask,
+    corpus: TokenCorpus,
+    held_out: Sequence[ArithmeticProblem],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    eval_every: int | None = None,
+    lr: float = 3e-3,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "training",
+) -> TaskRun:
+    """Train a fresh model on the task's answers and score it on held-out sums.
+
+    ``seed`` seeds everything (:func:`course_utils.runtime.seed_everything`) before
+    ``build_model()`` makes the model, and seeds the batch sampler, so two arms built by
+    different ``build_model`` with one seed see identical batches. Batches are padded lines
+    with the completion's loss only (``lm_batches(prompt_loss=False)``): the prompt's operand
+    digits are random and nothing can predict them. Greedy accuracy on ``held_out`` is
+    measured every ``eval_every`` steps (None: once, at the end) without touching the
+    training's random streams. The loop is :func:`course_utils.train.train_language_model`.
+    """
+    from .train import train_language_model  # train imports nothing from here; keep it so
+
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    every = steps if eval_every is None else eval_every
+    if not isinstance(every, int) or not 1 <= every <= steps:
+        raise ValueError(f"eval_every must be an int in 1..steps={steps} (or None for once at "
+                         f"the end), got {eval_every!r}")
+    seed_everything(seed)
+    model = build_model()
+    if device is not None:
+        model = model.to(device)
+    else:
+        device = _device_of(model)
+    batches = task.lm_batches(corpus, batch_size, prompt_loss=False, device=device,
+                              generator=torch.Generator().manual_seed(seed + 1))
+    at: list[int] = []
+    accuracy: list[float] = []
+    eval_seconds = 0.0
+
+    def after_step(m: nn.Module, step: int) -> None:
+        nonlocal eval_seconds
+        if (step + 1) % every == 0 or step + 1 == steps:
+            start = time.perf_counter()
+            at.append(step + 1)
+            accuracy.append(evaluate_accuracy(m.eval(), held_out, task=task).accuracy)
+            m.train()
+            eval_seconds += time.perf_counter() - start
+
+    result = train_language_model(model, batches, steps, lr=lr, after_step=after_step,
+                                  progress=progress, desc=desc)
+    model.eval()
+    return TaskRun(model, result.losses, at, accuracy, result.seconds - eval_seconds)

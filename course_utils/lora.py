@@ -47,6 +47,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"rank r must be a positive int, got {r!r}")
+        if r > min(base.in_features, base.out_features):
+            raise ValueError(f"rank r={r} is larger than the layer ({base.out_features} x "
+                             f"{base.in_features}): a low-rank update needs r <= "
+                             f"{min(base.in_features, base.out_features)}")
         if alpha is not None and alpha <= 0:
             raise ValueError(f"alpha must be > 0 (or None for alpha = r), got {alpha}")
         if not 0.0 <= dropout < 1.0:
@@ -159,6 +163,10 @@ def apply_lora(
         available = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
         raise ValueError(f"no nn.Linear in the model matches target {target!r}; the model's "
                          f"linear layers are named {available}")
+    too_small = [name for name, m in chosen if r > min(m.in_features, m.out_features)]
+    if too_small:
+        raise ValueError(f"rank r={r} is larger than layer(s) {too_small}; use r <= the "
+                         "smaller of each layer's in and out features")
     if freeze_rest:
         for p in model.parameters():
             p.requires_grad_(False)

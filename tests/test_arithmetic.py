@@ -224,3 +224,49 @@ def test_a_batch_larger_than_the_data_is_refused():
     corpus = task.training_tokens(20, seed=0)
     with pytest.raises(ValueError, match="batch_size=21 is larger than the data"):
         task.lm_batches(corpus, 21)
+
+
+# -- train_on_task: one seeded run of a model on the task, scored on held-out answers ---------
+
+def _tiny_run(seed: int = 0, steps: int = 6, eval_every: int | None = 3, **kw):
+    from course_utils.arithmetic import train_on_task
+
+    task = ArithmeticTask()
+    corpus = task.training_tokens(200, seed=0, worked_fraction=1.0)
+    held_out = task.problems(8, seed=1, split="test")
+
+    def build() -> TinyDecoder:
+        return TinyDecoder(DecoderConfig(vocab_size=task.vocab_size, hidden_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         max_position_embeddings=task.prompt_length
+                                         + task.default_max_new_tokens))
+
+    kw.setdefault("batch_size", 4)
+    return task, held_out, train_on_task(build, task, corpus, held_out, steps, seed=seed,
+                                         eval_every=eval_every, progress=False, **kw)
+
+
+def test_train_on_task_is_seeded_and_scores_held_out_answers():
+    task, held_out, run = _tiny_run()
+    assert run.steps == [3, 6] and len(run.accuracy) == 2 and len(run.losses) == 6
+    # the last figure is the returned model's greedy accuracy on the held-out problems
+    assert run.final_accuracy == run.accuracy[-1]
+    assert run.final_accuracy == evaluate_accuracy(run.model, held_out, task=task).accuracy
+    assert not run.model.training
+    _, _, again = _tiny_run()
+    assert again.losses == run.losses  # the seed fixes the initial weights and the batches
+    _, _, other = _tiny_run(seed=1)
+    assert other.losses != run.losses
+    _, _, end_only = _tiny_run(eval_every=None)
+    assert end_only.steps == [6] and end_only.losses == run.losses  # evaluating changes nothing
+
+
+def test_train_on_task_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="eval_every"):
+        _tiny_run(eval_every=0)
+    with pytest.raises(ValueError, match="eval_every"):
+        _tiny_run(eval_every=7)
+    with pytest.raises(ValueError, match="steps"):
+        _tiny_run(steps=0)
+    with pytest.raises(ValueError, match="larger than the data"):
+        _tiny_run(batch_size=10_000)

@@ -259,3 +259,60 @@ def test_kv_cache_bytes_formula_matches_a_real_cache():
     assert kv_cache_bytes(32, 32, 128) == 512 * 1024
     with pytest.raises(ValueError, match="num_kv_heads"):
         kv_cache_bytes(32, 0, 128)
+
+
+# -- TinyDecoder with multi-head latent attention (notebooks 08/09's fifth arm) -------------
+
+def _mla_decoder(**overrides) -> TinyDecoder:
+    torch.manual_seed(7)
+    cfg = dict(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               kv_lora_rank=6)
+    return TinyDecoder(DecoderConfig(**{**cfg, **overrides}))
+
+
+def test_tiny_decoder_with_mla_runs_the_library_mla_block():
+    from course_utils.mla import LatentCache, MLAConfig, MultiHeadLatentAttention
+
+    model = _mla_decoder()
+    attn = model.layers[0].self_attn
+    assert isinstance(attn, MultiHeadLatentAttention)
+    # heads keep the MHA head size; positions come from the decoder's embedding (no RoPE part)
+    want = MLAConfig(hidden_size=32, num_attention_heads=4, kv_lora_rank=6, qk_nope_head_dim=8,
+                     qk_rope_head_dim=0, v_head_dim=8, num_hidden_layers=2,
+                     max_position_embeddings=256)
+    assert attn.config == want
+    ref = MultiHeadLatentAttention(want)
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), ref(x))
+        # the decoder's block is x + attn(norm(x)), then + mlp(norm(x))
+        block = model.layers[0]
+        h = x + ref(block.input_layernorm(x))
+        h = h + block.mlp(block.post_attention_layernorm(h))
+        torch.testing.assert_close(block(x), h)
+    caches = model.new_caches(batch_size=2, capacity=5)
+    assert all(isinstance(c, LatentCache) for c in caches)
+    # kv_lora_rank numbers per token and layer, fp32: 6 * 4 bytes * 2 layers
+    assert sum(c.bytes_per_token for c in caches) == 6 * 4 * 2
+
+
+def test_tiny_decoder_with_mla_caches_exactly_and_is_causal():
+    model = _mla_decoder().eval()
+    prompt = torch.randint(0, 30, (3, 5))
+    a, la = generate(model, prompt, 10, use_cache=True, return_logits=True)
+    b, lb = generate(model, prompt, 10, use_cache=False, return_logits=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    ids = torch.randint(0, 30, (2, 8))
+    changed = ids.clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 30
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[:, :5], model(changed)[:, :5])
+
+
+def test_tiny_decoder_mla_options_are_checked():
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        _mla_decoder(kv_lora_rank=0)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        _mla_decoder(num_key_value_heads=2)  # GQA and MLA are two different answers

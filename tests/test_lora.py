@@ -150,3 +150,44 @@ def test_lora_on_the_mini_deepseek_attention_and_experts_merges_exactly():
         merged = model(x)
     assert torch.allclose(absorbed, adapted, atol=1e-5)
     assert torch.allclose(merged, adapted, atol=1e-6), (merged - adapted).abs().max()
+
+
+# -- parity with PEFT (test-only dependency), on the same weights -----------------------------
+
+def test_lora_equals_peft_on_the_same_weights():
+    from peft import LoraConfig, get_peft_model
+
+    base = _decoder(seed=3)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = _decoder(seed=3)
+    lora.apply_lora(ours, targets, r=4, alpha=8)
+    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=targets))
+    _randomize_adapters(ours)  # B = 0 at the start would hide the scaling; make it count
+    peft_layers = {name.removeprefix("base_model.model."): m
+                   for name, m in theirs.named_modules() if hasattr(m, "lora_A")
+                   and "default" in getattr(m, "lora_A", {})}
+    ours_layers = {n: m for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)}
+    assert sorted(peft_layers) == sorted(ours_layers)  # the same layers were chosen
+    with torch.no_grad():
+        for name, m in ours_layers.items():
+            peft_layers[name].lora_A["default"].weight.copy_(m.lora_A)  # (r, in), as ours
+            peft_layers[name].lora_B["default"].weight.copy_(m.lora_B)  # (out, r), as ours
+    # the same trainable parameters: only the adapters
+    assert lora.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()[0]
+    ids = torch.randint(0, 16, (2, 11))
+    with torch.no_grad():
+        want = theirs(ids)
+        torch.testing.assert_close(ours(ids), want)
+        assert (want - _decoder(seed=3)(ids)).abs().max() > 1e-3  # the adapters matter
+        lora.merge_lora(ours)
+        merged = theirs.merge_and_unload()
+        torch.testing.assert_close(ours(ids), merged(ids))
+        torch.testing.assert_close(ours(ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_larger_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match="r=40"):
+        lora.LoRALinear(nn.Linear(32, 8), r=40)
+    with pytest.raises(ValueError, match="r=40"):
+        lora.apply_lora(_decoder(), "q_proj", r=40)
