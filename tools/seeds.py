@@ -12,7 +12,7 @@ into ``notebooks/SEEDS.md`` (committed, linked from README): per figure, the val
 and the mean, min and max. The raw figures go to ``notebooks/SEEDS.json``; a run for some seeds
 or notebooks replaces those and keeps the rest.
 
-    python tools/seeds.py                      # notebooks 18, 19, 21, 22, 23 for seeds 0-4
+    python tools/seeds.py                      # notebooks 08, 09, 18, 19, 21, 22, 23, seeds 0-4
     python tools/seeds.py --seeds 0 1 --notebooks 21_mini_deepseek
 """
 
@@ -41,7 +41,8 @@ TABLE = NOTEBOOKS / "SEEDS.md"
 #: The raw figures behind the table; a later run updates the (seed, notebook) pairs it ran.
 RAW = SEEDS_FILE
 #: Notebooks whose claims rest on training, in the order a seed runs them (22 loads 21's model).
-DEFAULT_NOTEBOOKS = ("18_balancing_the_experts", "19_multi_token_prediction", "21_mini_deepseek",
+DEFAULT_NOTEBOOKS = ("08_multi_query_attention", "09_grouped_query_attention",
+                     "18_balancing_the_experts", "19_multi_token_prediction", "21_mini_deepseek",
                      "22_grpo", "23_distillation")
 FIGURES_PREFIX = "FIGURES "
 #: Parameters set besides ``seed``: the comparisons a notebook skips by default to stay fast.
