@@ -297,6 +297,8 @@ def grpo_loss(
     beta: float = 0.0,
     aggregation: str = "sequence",
     max_tokens: int | None = None,
+    kl_bias_correction: bool = False,
+    off_policy_mask: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The GRPO loss (to minimise) and diagnostics.
 
@@ -312,8 +314,20 @@ def grpo_loss(
     ``logp_new.detach()``: the ratio is exactly 1, clipping never acts, and the gradient is the
     group-baseline REINFORCE gradient ``-mean_i A_i / |o_i| sum_t grad log pi(o_t)``.
 
+    DeepSeek-V3.2's two changes (DeepSeek-V3.2 paper, section 3.1, "Scaling GRPO"), both off
+    by default:
+
+    - ``kl_bias_correction=True`` weights each token's k3 by the ratio ``pi_theta / pi_old``
+      (with its gradient). The tokens were sampled from pi_old, not pi_theta; the ratio makes
+      the k3 term's expected gradient the gradient of KL(pi_theta || pi_ref) even off-policy.
+    - ``off_policy_mask=delta`` drops the surrogate term of a completion whose advantage is
+      negative *and* whose mean per-token ``log pi_old - log pi_theta`` exceeds ``delta``: a
+      wrong answer the policy has already moved away from is not pushed further. (The KL term
+      stays.)
+
     Diagnostics: ``clip_fraction`` (tokens whose gradient the clip removed), ``kl`` (mean k3 per
-    token), ``ratio`` (mean ratio per token), all over masked-in tokens.
+    token, before any bias correction), ``ratio`` (mean ratio per token), all over masked-in
+    tokens, and ``masked_fraction`` (completions the off-policy mask dropped).
     """
     if logp_new.dim() != 2:
         raise ValueError(f"logp_new must be (N, T), got shape {tuple(logp_new.shape)}")
@@ -331,6 +345,10 @@ def grpo_loss(
         raise ValueError(f"beta and clip_eps must be >= 0, got beta={beta}, clip_eps={clip_eps}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if off_policy_mask is not None and not off_policy_mask >= 0:
+        raise ValueError(f"off_policy_mask must be a threshold >= 0 on the mean per-token "
+                         f"log(pi_old / pi_theta), or None to keep every completion; got "
+                         f"{off_policy_mask}")
     n, t = logp_new.shape
     if advantages.shape == logp_new.shape:
         adv = advantages
@@ -347,13 +365,21 @@ def grpo_loss(
     ratio = torch.exp(new - old)
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     objective = torch.minimum(ratio * adv, clipped * adv)
+    maskf = mask.to(new.dtype)
+    keep = torch.ones(n, 1, dtype=new.dtype, device=new.device)
+    if off_policy_mask is not None:
+        drift = ((old - new.detach()) * maskf).sum(1, keepdim=True) / maskf.sum(
+            1, keepdim=True).clamp(min=1.0)
+        negative = (adv < 0).any(dim=1, keepdim=True)  # per completion (or any token of it)
+        keep = (~(negative & (drift > off_policy_mask))).to(new.dtype)
+        objective = objective * keep
     if logp_ref is not None:
         kl = k3_kl(new, logp_ref.detach().masked_fill(~mask, 0.0))
     else:
         kl = torch.zeros_like(new)
-    per_token = (objective - beta * kl).masked_fill(~mask, 0.0)
+    kl_term = kl * ratio if kl_bias_correction else kl
+    per_token = (objective - beta * kl_term).masked_fill(~mask, 0.0)
 
-    maskf = mask.to(per_token.dtype)
     if aggregation == "sequence":
         per_seq = per_token.sum(dim=1) / maskf.sum(dim=1).clamp(min=1.0)
         value = per_seq.mean()
@@ -372,6 +398,7 @@ def grpo_loss(
             "clip_fraction": float((was_clipped & mask).sum() / count),
             "kl": float((kl * maskf).sum() / count),
             "ratio": float((ratio * maskf).sum() / count),
+            "masked_fraction": float(1.0 - keep.mean()),
         }
     return -value, stats
 
@@ -388,6 +415,8 @@ class GRPOConfig:
     ``updates_per_batch`` is mu in DeepSeekMath's Algorithm 1: gradient steps on one batch of
     samples (1: the ratio is 1 and the clip inactive; more: the clip starts to matter).
     ``max_new_tokens`` None: the task's default (worked format plus slack).
+    ``kl_bias_correction`` and ``off_policy_mask`` are DeepSeek-V3.2's changes (see
+    :func:`grpo_loss`); off by default, as in DeepSeekMath's GRPO.
     """
 
     prompts_per_step: int = 16
@@ -404,6 +433,8 @@ class GRPOConfig:
     reward_weights: dict[str, float] = field(default_factory=lambda: {"correctness": 1.0})
     grad_clip: float | None = 1.0
     weight_decay: float = 0.0
+    kl_bias_correction: bool = False
+    off_policy_mask: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "updates_per_batch"):
@@ -418,6 +449,13 @@ class GRPOConfig:
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError(f"temperature and lr must be > 0, got {self.temperature}, "
                              f"{self.lr}")
+        if not self.clip_eps > 0:
+            raise ValueError(f"clip_eps must be > 0 (the trust region is 1 +- clip_eps; 0.2 is "
+                             f"usual), got {self.clip_eps}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0 (0: no KL penalty), got {self.beta}")
+        if self.off_policy_mask is not None and not self.off_policy_mask >= 0:
+            raise ValueError(f"off_policy_mask must be >= 0 or None, got {self.off_policy_mask}")
 
 
 @dataclass
@@ -506,7 +544,9 @@ def grpo_step(
                                        config.temperature)
         old = logp_new.detach() if logp_old is None else logp_old
         loss, stats = grpo_loss(logp_new, old, logp_ref, advantages, mask, config.clip_eps,
-                                config.beta, config.aggregation, max_new)
+                                config.beta, config.aggregation, max_new,
+                                kl_bias_correction=config.kl_bias_correction,
+                                off_policy_mask=config.off_policy_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:

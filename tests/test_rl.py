@@ -12,6 +12,7 @@ from course_utils import rl
 from course_utils.arithmetic import ArithmeticTask
 from course_utils.data import ArithmeticProblem
 from course_utils.decoder import DecoderConfig, TinyDecoder
+from course_utils.rl import grpo_loss
 
 P = ArithmeticProblem((7, 45, 13))  # 065
 
@@ -335,6 +336,22 @@ def test_train_grpo_with_kl_reference_several_updates_and_evaluation():
                      task.problems(2), config)
     with pytest.raises(ValueError, match="group_size"):
         rl.GRPOConfig(group_size=1)
+    for bad in (dict(clip_eps=0.0), dict(beta=-0.1), dict(off_policy_mask=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            rl.GRPOConfig(**bad)
+
+
+def test_train_grpo_with_deepseek_v32_options_masks_and_reports():
+    task = ArithmeticTask()
+    model = _tiny(seed=3)
+    config = rl.GRPOConfig(prompts_per_step=2, group_size=4, lr=5e-2, beta=0.1,
+                           updates_per_batch=3, max_new_tokens=4, kl_bias_correction=True,
+                           off_policy_mask=0.0)
+    history = rl.train_grpo(model, task.problems(16, seed=0), steps=2, config=config,
+                            progress=False,
+                            reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+    fractions = history["masked_fraction"]
+    assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
 
 
 def test_grpo_runs_on_the_mini_deepseek_with_cached_sampling():
@@ -376,3 +393,135 @@ def test_load_or_train_grpo_trains_saves_then_loads(tmp_path):
     torch.testing.assert_close(loaded(ids), trained(ids), rtol=0, atol=1e-6)
     # other settings are another artifact, never the saved one
     assert rl.grpo_checkpoint_path(pre, cfg, 3, 0, tmp_path) != path
+
+
+# -- DeepSeek-V3.2's changes to GRPO (paper section 3.1) -------------------------------------
+
+def test_bias_corrected_kl_has_the_exact_kl_gradient_off_policy():
+    """Tokens drawn from pi_old: the expectation of the ratio-weighted k3's gradient is the
+    gradient of KL(pi_theta || pi_ref), computed exactly here by enumerating the vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 6
+    theta = torch.randn(vocab, generator=g, requires_grad=True)
+    theta_old = theta.detach() + 0.7 * torch.randn(vocab, generator=g)  # off-policy sampler
+    theta_ref = torch.randn(vocab, generator=g)
+    p_old = torch.softmax(theta_old, -1)
+
+    def expected_grad(correct: bool) -> torch.Tensor:
+        logp, logp_old, logp_ref = (torch.log_softmax(t, -1)[:, None]
+                                    for t in (theta, theta_old, theta_ref))
+        total = sum(p_old[x] * grpo_loss(logp[x:x + 1], logp_old[x:x + 1], logp_ref[x:x + 1],
+                                         torch.zeros(1), torch.ones(1, 1, dtype=torch.bool),
+                                         beta=1.0, kl_bias_correction=correct)[0]
+                    for x in range(vocab))
+        return torch.autograd.grad(total, theta)[0]
+
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=theta),
+        torch.distributions.Categorical(logits=theta_ref))
+    want = torch.autograd.grad(exact, theta)[0]
+    torch.testing.assert_close(expected_grad(True), want, rtol=1e-5, atol=1e-6)
+    assert (expected_grad(False) - want).abs().max() > 1e-2  # the plain k3 is biased here
+
+
+def _off_policy_batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n, t = 8, 5
+    logp_old = -torch.rand(n, t, generator=g) * 2
+    drift = torch.linspace(-0.3, 0.5, n)[:, None]  # rows the policy moved away from, and toward
+    noise = 0.1 * torch.randn(n, t, generator=g)
+    logp_new = (logp_old - drift + noise).clamp(max=0).requires_grad_()
+    mask = torch.rand(n, t, generator=g) > 0.2
+    mask[:, 0] = True
+    adv = torch.randn(n, generator=g)
+    return logp_new, logp_old, adv, mask
+
+
+def test_off_policy_sequence_mask_equals_trl():
+    from trl import GRPOTrainer
+
+    logp_new, logp_old, adv, mask = _off_policy_batch()
+    delta = 0.1
+    keep = GRPOTrainer.get_off_policy_mask(adv[:, None], logp_new, logp_old, mask.float(), delta)
+    assert 0 < keep.sum() < len(keep)  # the batch has completions on both sides
+    loss, stats = grpo_loss(logp_new, logp_old, None, adv, mask, off_policy_mask=delta)
+    assert stats["masked_fraction"] == pytest.approx(1 - keep.mean().item())
+    # the surrogate of the dropped completions is gone; the rest is the usual GRPO loss
+    ratio = torch.exp(logp_new - logp_old)
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a) * keep * mask
+    want = -(surrogate.sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(loss, want)
+    grad = torch.autograd.grad(loss, logp_new)[0]
+    dropped = keep[:, 0] == 0
+    unmasked = torch.autograd.grad(grpo_loss(logp_new, logp_old, None, adv, mask)[0], logp_new)[0]
+    assert torch.all(grad[dropped] == 0) and unmasked[dropped].abs().sum() > 0
+    torch.testing.assert_close(grad[~dropped], unmasked[~dropped])
+
+
+def test_off_policy_mask_keeps_positive_advantages_and_on_policy_batches():
+    logp_new, logp_old, adv, mask = _off_policy_batch(1)
+    _, stats = grpo_loss(logp_new, logp_old, None, adv.abs(), mask, off_policy_mask=0.0)
+    assert stats["masked_fraction"] == 0.0  # good answers are never dropped
+    _, stats = grpo_loss(logp_new, logp_new.detach(), None, -adv.abs(), mask, off_policy_mask=0.0)
+    assert stats["masked_fraction"] == 0.0  # on-policy: no drift, nothing dropped
+    with pytest.raises(ValueError, match="off_policy_mask"):
+        grpo_loss(logp_new, logp_old, None, adv, mask, off_policy_mask=-0.1)
+
+
+class _OneProcess:
+    """What TRL's loss asks of an `accelerate.Accelerator`, for one process."""
+
+    sync_gradients = True
+    num_processes = 1
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+
+def _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, beta, eps, bias_correction,
+                   off_policy):
+    """TRL's own `GRPOTrainer._compute_loss` (loss_type "grpo", per-token ratios), run on
+    given log-probs: the model call is replaced by a function that returns them."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    n, t = logp_new.shape
+    trainer = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp_new, torch.zeros(n, t), None),
+        top_entropy_quantile=1.0, aux_loss_enabled=False, off_policy_mask_threshold=off_policy,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, importance_sampling_level="token",
+        beta=beta, args=SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None),
+        loss_type="grpo", epsilon_low=eps, epsilon_high=eps, use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=_OneProcess())
+    inputs = dict(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1),
+                  completion_ids=torch.zeros(n, t, dtype=torch.long),
+                  completion_mask=mask.float(), advantages=adv, old_per_token_logps=logp_old,
+                  ref_per_token_logps=logp_ref)
+    return GRPOTrainer._compute_loss(trainer, None, inputs)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("off_policy", [None, 0.1])
+def test_grpo_loss_and_gradient_equal_trl(bias_correction, off_policy):
+    logp_new, logp_old, adv, mask = _off_policy_batch(2)
+    logp_ref = (logp_old - 0.3 * torch.rand(logp_old.shape,
+                                            generator=torch.Generator().manual_seed(3)))
+    ours, _ = grpo_loss(logp_new, logp_old, logp_ref, adv, mask, clip_eps=0.2, beta=0.05,
+                        kl_bias_correction=bias_correction, off_policy_mask=off_policy)
+    # TRL leaves junk in masked positions alone; give it the same values we see there
+    theirs = _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, 0.05, 0.2,
+                            bias_correction, off_policy)
+    torch.testing.assert_close(ours, theirs)
+    g_ours, = torch.autograd.grad(ours, logp_new)
+    g_theirs, = torch.autograd.grad(theirs, logp_new)
+    torch.testing.assert_close(g_ours, g_theirs)
