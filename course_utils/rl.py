@@ -314,7 +314,8 @@ def grpo_loss(
     ``logp_new.detach()``: the ratio is exactly 1, clipping never acts, and the gradient is the
     group-baseline REINFORCE gradient ``-mean_i A_i / |o_i| sum_t grad log pi(o_t)``.
 
-    DeepSeek-V3.2's two changes (DeepSeek-V3.2 paper, section 3.1, "Scaling GRPO"), both off
+    Two of DeepSeek-V3.2's changes to GRPO (DeepSeek-V3.2 report, arXiv 2512.02556, the GRPO
+    part of its reinforcement-learning section; the sequence mask is its equation 9), both off
     by default:
 
     - ``kl_bias_correction=True`` weights each token's k3 by the ratio ``pi_theta / pi_old``
