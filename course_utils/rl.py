@@ -60,6 +60,8 @@ __all__ = [
     "k3_kl",
     "AGGREGATIONS",
     "grpo_loss",
+    "sequence_logprobs",
+    "dpo_loss",
     "GRPOConfig",
     "GRPOHistory",
     "grpo_step",
@@ -402,6 +404,43 @@ def grpo_loss(
             "masked_fraction": float(1.0 - keep.mean()),
         }
     return -value, stats
+
+
+def sequence_logprobs(token_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """log pi(completion | prompt) per row: the sum of ``token_logprobs`` (N, T) over the
+    tokens where ``mask`` (N, T) is True (what masked positions hold does not matter). -> (N,)."""
+    if token_logprobs.dim() != 2 or mask.shape != token_logprobs.shape:
+        raise ValueError(f"token_logprobs and mask must both be (N, T), got "
+                         f"{tuple(token_logprobs.shape)} and {tuple(mask.shape)}")
+    return token_logprobs.masked_fill(~mask.bool(), 0.0).sum(dim=1)
+
+
+def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, beta: float = 0.1) -> tuple[Tensor, dict[str, float]]:
+    """Direct preference optimisation (Rafailov et al. 2023, eq. 7), to minimise.
+
+    Each argument is (P,): the sequence log-probability (:func:`sequence_logprobs`) of the
+    preferred (``chosen``) and the dispreferred (``rejected``) completion of P pairs, under the
+    policy (with gradients) and under the frozen reference. The implicit reward of a completion
+    is ``beta * (log pi - log pi_ref)``; the loss is ``-log sigmoid(reward_chosen -
+    reward_rejected)``, averaged over pairs. No reward model and no sampling during training:
+    the pairs are fixed data. Diagnostics: ``accuracy`` (pairs whose chosen reward is higher)
+    and ``margin`` (mean reward difference).
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (it scales the implicit reward; 0.1 is usual), got "
+                         f"{beta}")
+    shapes = {t.shape for t in (logp_chosen, logp_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or logp_chosen.dim() != 1:
+        raise ValueError(f"the four log-probs must all be (P,), one per pair; got shapes "
+                         f"{sorted(tuple(s) for s in shapes)}")
+    chosen = beta * (logp_chosen - ref_chosen.detach())
+    rejected = beta * (logp_rejected - ref_rejected.detach())
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    with torch.no_grad():
+        stats = {"accuracy": float((chosen > rejected).float().mean()),
+                 "margin": float((chosen - rejected).mean())}
+    return loss, stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -525,3 +525,68 @@ def test_grpo_loss_and_gradient_equal_trl(bias_correction, off_policy):
     g_ours, = torch.autograd.grad(ours, logp_new)
     g_theirs, = torch.autograd.grad(theirs, logp_new)
     torch.testing.assert_close(g_ours, g_theirs)
+
+
+# -- DPO, against TRL's DPOTrainer loss ---------------------------------------------------------
+
+def _trl_dpo_loss(token_logps, mask, ref_chosen, ref_rejected, beta):
+    """TRL's own `DPOTrainer._compute_loss` (sigmoid loss, reverse KL) on given per-token
+    log-probs: rows [chosen; rejected], the model call replaced by one that returns them."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import DPOTrainer
+
+    n, t = token_logps.shape
+    zeros = torch.zeros(n, t + 1)
+    out = SimpleNamespace(log_probs=token_logps.masked_fill(~mask, 0.0), entropy=zeros,
+                          mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None)
+
+    class Accelerator(_OneProcess):
+        device = torch.device("cpu")
+
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=Accelerator(), aux_loss_enabled=False,
+        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    completion = torch.cat([torch.zeros(n, 1), mask.float()], dim=1)  # prompt token, then mask
+    inputs = dict(input_ids=torch.zeros(n, t + 1, dtype=torch.long),
+                  attention_mask=torch.ones(n, t + 1, dtype=torch.long),
+                  completion_mask=completion, ref_chosen_logps=ref_chosen,
+                  ref_rejected_logps=ref_rejected)
+    model = lambda **kwargs: out  # noqa: E731
+    return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+
+
+def test_dpo_loss_and_gradient_equal_trl():
+    g = torch.Generator().manual_seed(5)
+    pairs, t = 6, 7
+    token_logps = (-2 * torch.rand(2 * pairs, t, generator=g)).requires_grad_()
+    mask = torch.rand(2 * pairs, t, generator=g) > 0.3
+    mask[:, 0] = True
+    ref = -2 * torch.rand(2 * pairs, t, generator=g)
+    seq = rl.sequence_logprobs(token_logps, mask)
+    ref_seq = rl.sequence_logprobs(ref, mask)
+    ours, stats = rl.dpo_loss(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.3)
+    theirs = _trl_dpo_loss(token_logps, mask, ref_seq[:pairs], ref_seq[pairs:], beta=0.3)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, token_logps)[0],
+                               torch.autograd.grad(theirs, token_logps)[0])
+    margin = 0.3 * ((seq[:pairs] - ref_seq[:pairs]) - (seq[pairs:] - ref_seq[pairs:]))
+    assert stats["accuracy"] == pytest.approx((margin > 0).float().mean().item())
+    assert 0 < stats["accuracy"] < 1  # both kinds of pairs are in the batch
+
+
+def test_dpo_raises_the_chosen_over_the_rejected_and_checks_arguments():
+    logp = torch.zeros(4, requires_grad=True)
+    loss, _ = rl.dpo_loss(logp[:2], logp[2:], torch.zeros(2), torch.zeros(2))
+    assert loss.item() == pytest.approx(math.log(2))  # equal rewards: -log sigmoid(0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.all(grad[:2] < 0) and torch.all(grad[2:] > 0)  # descent: chosen up, rejected down
+    with pytest.raises(ValueError, match="beta"):
+        rl.dpo_loss(logp[:2], logp[2:], torch.zeros(2), torch.zeros(2), beta=0.0)
+    with pytest.raises(ValueError, match="one per pair"):
+        rl.dpo_loss(logp[:2], logp[2:], torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match="token_logprobs"):
+        rl.sequence_logprobs(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))
