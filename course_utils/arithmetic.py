@@ -36,6 +36,7 @@ from .data import (
 from .generation import CausalLM, generate
 from .runtime import seed_everything
 from .tokenizer import ARITHMETIC_ALPHABET, CharTokenizer
+from .train import train_language_model
 
 __all__ = [
     "ArithmeticTask",
@@ -501,8 +502,6 @@ def train_on_task(
     measured every ``eval_every`` steps (None: once, at the end) without touching the
     training's random streams. The loop is :func:`course_utils.train.train_language_model`.
     """
-    from .train import train_language_model  # train imports nothing from here; keep it so
-
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     every = steps if eval_every is None else eval_every
