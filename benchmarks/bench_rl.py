@@ -6,6 +6,8 @@ layers, character vocabulary of 16), untrained, so every completion runs to max_
 the worst case for a step.
 One GRPO step = 16 prompts x 8 samples (128 completions), rewards, group advantages, one full
 forward + backward of the clipped loss, one AdamW update (beta = 0: no reference forward).
+One PPO step (notebook 22, section 8) = 128 prompts x 1 sample, the critic's values, the
+policy's old log-probs, GAE, then one update of the policy and one of the critic.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from course_utils.config import DeepSeekConfig
 from course_utils.generation import generate
 from course_utils.kernels import median_seconds
 from course_utils.model import DeepSeekForCausalLM
+from course_utils.ppo import PPOConfig, ValueModel, ppo_step
 from course_utils.rl import GRPOConfig, grpo_step, sample_groups
 from course_utils.train import make_optimizer
 
@@ -43,6 +46,13 @@ def run(quick: bool = False) -> list[dict]:
     optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.99))
     t_step = median_seconds(
         lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
+    critic = ValueModel(model)
+    ppo_config = PPOConfig(prompts_per_step=rows, lr=1e-4)
+    ppo_problems = task.problems(rows, seed=1)
+    critic_opt = make_optimizer(critic, ppo_config.critic_lr, 0.0, betas=(0.9, 0.99))
+    t_ppo = median_seconds(
+        lambda: ppo_step(model, critic, optimizer, critic_opt, task, ppo_problems, ppo_config,
+                         generator=g), repeats)
     tokens = rows * max_new
     n_params = model.num_parameters()
     return [
@@ -57,4 +67,10 @@ def run(quick: bool = False) -> list[dict]:
          "unit": "x"},
         {"what": "share of a GRPO step spent sampling", "value": t_sample / t_step,
          "unit": "fraction", "note": "the rest: rewards, forward + backward, update"},
+        {"what": "notebook 22's GRPO run (80 steps), projected", "value": 80 * t_step,
+         "unit": "s", "note": f"worst case (every completion {max_new} tokens), "
+                              f"threads={threads}"},
+        {"what": "PPO step / GRPO step, same 128 samples", "value": t_ppo / t_step,
+         "unit": "x", "note": "PPO adds the critic's forward and backward and an old-log-prob "
+                              "forward"},
     ]

@@ -129,6 +129,12 @@ class TinyDecoder(nn.Module):
         return [layer.self_attn.new_cache(batch_size, capacity) for layer in self.layers]
 
     def forward(self, input_ids: Tensor, caches: list[BaseCache] | None = None) -> Tensor:
+        return self.forward_with_hidden(input_ids, caches)[0]
+
+    def forward_with_hidden(self, input_ids: Tensor, caches: list[BaseCache] | None = None
+                            ) -> tuple[Tensor, Tensor]:
+        """(logits (b, t, vocab), hidden (b, t, hidden)): ``hidden`` is the final hidden state
+        after the final norm, what ``lm_head`` reads (a PPO critic reads it too)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
         if caches is not None and len(caches) != len(self.layers):
@@ -145,7 +151,8 @@ class TinyDecoder(nn.Module):
         x = self.embed_tokens(input_ids) + self.embed_positions(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=caches[i] if caches is not None else None)
-        return self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        return self.lm_head(hidden), hidden
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs) -> Tensor:
         """See :func:`course_utils.generation.generate` for the arguments."""

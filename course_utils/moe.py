@@ -16,6 +16,9 @@ The pieces, in the order notebooks 16-18 build them:
 - Balancing: Switch's auxiliary loss, DeepSeek-V2's expert-, device- and communication-level
   losses, DeepSeek-V3's sequence-wise loss, and the auxiliary-loss-free bias update
   (:class:`AuxLossFreeBalancer`), plus per-expert load statistics.
+- Keep routing (DeepSeek-V3.2, for RL): :func:`recorded_routing` and :func:`replay_routing`
+  make a later forward use the experts an earlier one chose; :func:`routing_changed` measures
+  how many choices differ.
 
 Names follow the Hugging Face DeepSeek configs and checkpoints: the router is ``gate`` with
 ``gate.weight`` (E, hidden) and, for V3, the float32 buffer ``gate.e_score_correction_bias``;
@@ -27,7 +30,8 @@ n_shared_experts``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +228,17 @@ class TopKRouter(nn.Module):
         return Routing(indices, weights, logits.softmax(dim=-1), logits)
 
 
+def _checked_indices(indices: Tensor, n_tokens: int, c: MoEConfig) -> Tensor:
+    """Forced expert choices (keep routing): (T, k) integers in [0, E)."""
+    if indices.shape != (n_tokens, c.num_experts_per_tok):
+        raise ValueError(f"forced routing indices must be (tokens, k) = ({n_tokens}, "
+                         f"{c.num_experts_per_tok}), got {tuple(indices.shape)}; record them "
+                         "from a forward over the same sequences (moe.recorded_routing)")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= c.n_routed_experts):
+        raise ValueError(f"forced routing indices must lie in [0, {c.n_routed_experts})")
+    return indices.long()
+
+
 class DeepSeekV2Router(nn.Module):
     """DeepSeek-V2's router: softmax over all routed experts, then top-k.
 
@@ -242,16 +257,22 @@ class DeepSeekV2Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
 
-    def forward(self, x: Tensor) -> Routing:
+    def forward(self, x: Tensor, indices: Tensor | None = None) -> Routing:
+        """``indices`` (T, k): use these experts instead of choosing (keep routing); the
+        weights are still this router's probabilities of them, so it keeps its gradient."""
         c = self.config
         logits = _router_logits(x, self.weight)
         scores = logits.softmax(dim=-1)
-        choice = scores
-        if c.topk_method == "group_limited_greedy":
-            group_scores = scores.view(-1, c.n_group, c.experts_per_group).amax(dim=-1)
-            keep = _group_mask(group_scores, c.topk_group, c.experts_per_group)
-            choice = scores.masked_fill(~keep, float("-inf"))
-        weights, indices = choice.topk(c.num_experts_per_tok, dim=-1)
+        if indices is not None:
+            indices = _checked_indices(indices, scores.shape[0], c)
+            weights = scores.gather(1, indices)
+        else:
+            choice = scores
+            if c.topk_method == "group_limited_greedy":
+                group_scores = scores.view(-1, c.n_group, c.experts_per_group).amax(dim=-1)
+                keep = _group_mask(group_scores, c.topk_group, c.experts_per_group)
+                choice = scores.masked_fill(~keep, float("-inf"))
+            weights, indices = choice.topk(c.num_experts_per_tok, dim=-1)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(indices, weights * c.routed_scaling_factor, scores, logits)
@@ -281,17 +302,22 @@ class DeepSeekV3Router(nn.Module):
         self.register_buffer("e_score_correction_bias",
                              torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Routing:
+    def forward(self, x: Tensor, indices: Tensor | None = None) -> Routing:
+        """``indices`` (T, k): use these experts instead of steps 2-4 (keep routing); the
+        weights are still step 5's scores of them, so the router keeps its gradient."""
         c = self.config
         logits = _router_logits(x, self.weight)
         scores = logits.sigmoid()
-        biased = scores + self.e_score_correction_bias.float()
-        if c.n_group > 1:
-            grouped = biased.view(-1, c.n_group, c.experts_per_group)
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            keep = _group_mask(group_scores, c.topk_group, c.experts_per_group)
-            biased = biased.masked_fill(~keep, float("-inf"))
-        indices = biased.topk(c.num_experts_per_tok, dim=-1).indices
+        if indices is not None:
+            indices = _checked_indices(indices, scores.shape[0], c)
+        else:
+            biased = scores + self.e_score_correction_bias.float()
+            if c.n_group > 1:
+                grouped = biased.view(-1, c.n_group, c.experts_per_group)
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                keep = _group_mask(group_scores, c.topk_group, c.experts_per_group)
+                biased = biased.masked_fill(~keep, float("-inf"))
+            indices = biased.topk(c.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, indices)
         if c.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -381,13 +407,16 @@ class DeepSeekMoE(nn.Module):
                              persistent=False)
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None
+        # keep routing (DeepSeek-V3.2): (T, k) experts to use instead of choosing; see
+        # :func:`replay_routing`
+        self.forced_indices: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles leave out the last forward's routing: after a training forward its
         # tensors belong to the autograd graph, which deepcopy refuses to copy (GRPO copies the
         # policy into its frozen reference right after training steps).
         state = self.__dict__.copy()
-        state["last_routing"] = state["last_counts"] = None
+        state["last_routing"] = state["last_counts"] = state["forced_indices"] = None
         return state
 
     def forward(self, x: Tensor) -> Tensor:
@@ -395,7 +424,8 @@ class DeepSeekMoE(nn.Module):
             raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got "
                              f"{tuple(x.shape)}")
         flat = x.reshape(-1, x.shape[-1])
-        routing = self.gate(flat)
+        routing = (self.gate(flat) if self.forced_indices is None
+                   else self.gate(flat, indices=self.forced_indices.to(flat.device)))
         routed = _DISPATCH[self.dispatch](flat, self.experts, routing.indices, routing.weights)
         counts = expert_counts(routing.indices, self.config.n_routed_experts)
         self.last_routing, self.last_counts = routing, counts
@@ -405,6 +435,79 @@ class DeepSeekMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+# -- keep routing (DeepSeek-V3.2) -----------------------------------------------------------
+
+
+def moe_modules(model: nn.Module) -> list[DeepSeekMoE]:
+    """Every :class:`DeepSeekMoE` inside ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+
+
+def forget_routing(model: nn.Module) -> None:
+    """Clear every MoE layer's recorded routing, so that :func:`recorded_routing` after the
+    next forward returns only the layers that forward used."""
+    for m in moe_modules(model):
+        m.last_routing = m.last_counts = None
+
+
+def recorded_routing(model: nn.Module) -> dict[str, Tensor]:
+    """The experts each MoE layer of ``model`` chose in its last forward, by module name: a
+    (T, k) int64 tensor per layer (T = batch * seq), detached. Layers that have not run (a
+    multi-token-prediction module during plain decoding) are left out. Pass it to
+    :func:`replay_routing`."""
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, DeepSeekMoE)]
+    if not named:
+        raise ValueError("model has no DeepSeekMoE layer; keep routing needs an MoE model")
+    out = {name: m.last_routing.indices.detach().clone() for name, m in named
+           if m.last_routing is not None}
+    if not out:
+        raise ValueError("run a forward pass first: no MoE layer has a routing recorded")
+    return out
+
+
+@contextmanager
+def replay_routing(model: nn.Module, indices: Mapping[str, Tensor]) -> Iterator[None]:
+    """Keep routing (DeepSeek-V3.2 report, arXiv 2512.02556, the GRPO part of its
+    reinforcement-learning section): inside the block, every MoE layer named in ``indices``
+    (from :func:`recorded_routing`: module name -> (T, k) experts) uses those experts instead
+    of choosing its own. The gate weights are still the router's current
+    scores of those experts, so the router keeps learning. Forwards inside must cover the same
+    T tokens as the recorded one."""
+    layers = dict((name, m) for name, m in model.named_modules() if isinstance(m, DeepSeekMoE))
+    unknown = sorted(set(indices) - set(layers))
+    if unknown:
+        raise ValueError(f"indices names MoE layers that model does not have: {unknown}")
+    try:
+        for name, idx in indices.items():
+            layers[name].forced_indices = idx
+        yield
+    finally:
+        for m in layers.values():
+            m.forced_indices = None
+
+
+def routing_changed(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
+                    token_mask: Tensor | None = None) -> float:
+    """Fraction of (layer, token) pairs whose *set* of k experts differs between two routings
+    (module name -> (T, k), as :func:`recorded_routing` returns; both must name the same
+    layers). ``token_mask`` (T,) bool: count only those tokens."""
+    if set(before) != set(after):
+        raise ValueError(f"the routings cover different layers: {sorted(before)} vs "
+                         f"{sorted(after)}")
+    changed = total = 0
+    for name, a in before.items():
+        b = after[name]
+        if a.shape != b.shape:
+            raise ValueError(f"routing shapes differ in {name}: {tuple(a.shape)} vs "
+                             f"{tuple(b.shape)}")
+        differs = (a.sort(dim=-1).values != b.sort(dim=-1).values).any(dim=-1)
+        if token_mask is not None:
+            differs = differs[token_mask.reshape(-1).to(differs.device)]
+        changed += int(differs.sum())
+        total += differs.numel()
+    return changed / max(total, 1)
 
 
 def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:

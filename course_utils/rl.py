@@ -42,6 +42,13 @@ from tqdm.auto import tqdm
 from .arithmetic import ArithmeticTask, evaluate_accuracy
 from .data import ArithmeticProblem, check_completion, is_well_formed, uses_worked_steps
 from .generation import CausalLM, generate
+from .moe import (
+    forget_routing,
+    moe_modules,
+    recorded_routing,
+    replay_routing,
+    routing_changed,
+)
 from .train import make_optimizer
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "REWARD_FUNCTIONS",
     "Rewards",
     "make_reward_fn",
+    "check_rewards",
     "GroupSamples",
     "completion_mask",
     "sample_groups",
@@ -65,6 +73,7 @@ __all__ = [
     "GRPOConfig",
     "GRPOHistory",
     "grpo_step",
+    "run_policy_loop",
     "train_grpo",
     "grpo_training_problems",
     "load_or_train_grpo",
@@ -133,14 +142,33 @@ def make_reward_fn(
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         components = {
-            name: torch.tensor([float(known[name](p, c)) for p, c in
-                                zip(problems, completions, strict=True)], dtype=torch.float32)
+            name: check_rewards(
+                torch.tensor([float(known[name](p, c)) for p, c in
+                              zip(problems, completions, strict=True)], dtype=torch.float32),
+                len(completions), f"reward {name!r}")
             for name in weights
         }
         total = sum(w * components[name] for name, w in weights.items())
         return Rewards(total, components)  # type: ignore[arg-type]
 
     return reward_fn
+
+
+def check_rewards(rewards: object, n: int, name: str = "reward_fn") -> Tensor:
+    """``rewards`` as a float32 (n,) tensor, or a ``ValueError`` naming ``name`` when it is not
+    a tensor of n finite numbers (a NaN reward would silently poison every advantage of its
+    group)."""
+    if not isinstance(rewards, Tensor):
+        raise ValueError(f"{name} must return a tensor of {n} rewards, got "
+                         f"{type(rewards).__name__}")
+    if rewards.shape != (n,):
+        raise ValueError(f"{name} returned shape {tuple(rewards.shape)}; expected ({n},), one "
+                         "reward per completion")
+    if not torch.isfinite(rewards).all():
+        bad = int((~torch.isfinite(rewards)).sum())
+        raise ValueError(f"{name} returned {bad} non-finite reward(s) (NaN or inf); make the "
+                         "verifier return a number for every completion, e.g. 0 for unparsable")
+    return rewards.float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,9 +305,11 @@ def count_zero_variance_groups(rewards: Tensor) -> int:
 def k3_kl(logp_new: Tensor, logp_ref: Tensor) -> Tensor:
     """Per-token KL(pi_theta || pi_ref) estimate ``exp(d) - d - 1`` with
     ``d = logp_ref - logp_new`` (Schulman's "k3"; DeepSeekMath eq. 4). Unbiased for tokens
-    sampled from pi_theta, never negative (e^d >= 1 + d), and exactly 0 where the two agree."""
+    sampled from pi_theta, never negative (e^d >= 1 + d), and exactly 0 where the two agree.
+    Computed as ``expm1(d) - d``: the same value, but it cannot round to a tiny negative number
+    the way ``exp(d) - d - 1`` can for d near 0."""
     d = logp_ref - logp_new
-    return torch.exp(d) - d - 1.0
+    return torch.expm1(d) - d
 
 
 #: How the per-token terms become one number: "sequence" averages each completion's tokens,
@@ -456,7 +486,11 @@ class GRPOConfig:
     samples (1: the ratio is 1 and the clip inactive; more: the clip starts to matter).
     ``max_new_tokens`` None: the task's default (worked format plus slack).
     ``kl_bias_correction`` and ``off_policy_mask`` are DeepSeek-V3.2's changes (see
-    :func:`grpo_loss`); off by default, as in DeepSeekMath's GRPO.
+    :func:`grpo_loss`); off by default, as in DeepSeekMath's GRPO. ``keep_routing`` is V3.2's
+    third ("Keep Routing", same part of the report), for MoE policies: every update reuses the
+    experts the policy chose when the batch was sampled
+    (:func:`course_utils.moe.replay_routing`), so the ratio compares the same sub-network;
+    off, an MoE router that moved between updates may send a sampled token to other experts.
     """
 
     prompts_per_step: int = 16
@@ -475,6 +509,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     kl_bias_correction: bool = False
     off_policy_mask: float | None = None
+    keep_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_step", "updates_per_batch"):
@@ -510,6 +545,12 @@ class GRPOHistory:
     eval_accuracy: list[float] = field(default_factory=list)
     eval_worked_fraction: list[float] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in the GRPO steps themselves (sampling, scoring, updates), without the
+        held-out evaluations that ``seconds`` includes."""
+        return sum(r["seconds"] for r in self.records)
 
     def __getitem__(self, key: str) -> list[float]:
         if self.records and key not in self.records[0]:
@@ -551,7 +592,14 @@ def grpo_step(
     Returns the step's record: ``reward`` (mean total reward), ``accuracy`` (fraction of
     samples the exact verifier accepts, whatever the reward), ``length`` (mean completion
     tokens), ``worked_fraction``, ``zero_variance_groups`` (of B), ``loss``, ``kl``,
-    ``clip_fraction``, ``ratio`` (of the last update), ``seconds``.
+    ``clip_fraction``, ``ratio`` (of the last update), ``seconds``; for an MoE policy with
+    ``updates_per_batch > 1`` also ``routing_changed``: the fraction of (MoE layer, completion
+    token) expert choices in the last update that differ from the sampling-time forward (0
+    with ``keep_routing``).
+
+    The sampling-time routing is recorded from a full forward of the policy right after
+    sampling (the policy that sampled, before any update), not from the cached sampler itself:
+    in this course both run the same code, so they choose the same experts up to float noise.
     """
     start = time.perf_counter()
     if reference is None and config.beta > 0:
@@ -567,21 +615,43 @@ def grpo_step(
     texts = task.decode_completions(samples.completion_ids)
     expanded = [p for p in problems for _ in range(g)]
     rewards = reward_fn(expanded, texts)
-    grouped = rewards.total.view(len(problems), g)
+    total = check_rewards(getattr(rewards, "total", rewards), len(expanded), "reward_fn")
+    grouped = total.view(len(problems), g)
     advantages = group_advantages(grouped, config.adv_eps, config.scale_std).view(-1).to(device)
     mask = samples.mask
 
+    has_moe = bool(moe_modules(policy))
+    if config.keep_routing and not has_moe:
+        raise ValueError("keep_routing=True needs an MoE policy (no DeepSeekMoE layer found)")
+    track_routing = has_moe and (config.keep_routing or config.updates_per_batch > 1)
     with torch.no_grad():
         logp_ref = (completion_logprobs(reference, samples.prompt_ids, samples.completion_ids,
                                         config.temperature) if config.beta > 0 else None)
+        if track_routing:
+            forget_routing(policy)
         logp_old = (completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
                                         config.temperature)
-                    if config.updates_per_batch > 1 else None)
+                    if config.updates_per_batch > 1 or config.keep_routing else None)
+        sampled_routing = recorded_routing(policy) if track_routing else None
+    routing_stat: dict[str, float] = {}
+    if track_routing:  # the completion tokens' rows of the flattened (N * (P + T - 1)) routing
+        p_len = samples.prompt_ids.shape[1]
+        scored = torch.zeros(mask.shape[0], p_len + mask.shape[1] - 1, dtype=torch.bool,
+                             device=mask.device)
+        scored[:, p_len - 1:] = mask
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(config.updates_per_batch):
-        logp_new = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
-                                       config.temperature)
+        if config.keep_routing:
+            with replay_routing(policy, sampled_routing):  # type: ignore[arg-type]
+                logp_new = completion_logprobs(policy, samples.prompt_ids,
+                                               samples.completion_ids, config.temperature)
+        else:
+            logp_new = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
+                                           config.temperature)
+        if track_routing:
+            routing_stat["routing_changed"] = routing_changed(
+                sampled_routing, recorded_routing(policy), scored)  # type: ignore[arg-type]
         old = logp_new.detach() if logp_old is None else logp_old
         loss, stats = grpo_loss(logp_new, old, logp_ref, advantages, mask, config.clip_eps,
                                 config.beta, config.aggregation, max_new,
@@ -595,15 +665,80 @@ def grpo_step(
     policy.eval()
     correct = [check_completion(p, c) for p, c in zip(expanded, texts, strict=True)]
     return {
-        "reward": float(rewards.total.mean()),
+        "reward": float(total.mean()),
         "accuracy": sum(correct) / len(correct),
         "length": float(samples.lengths.float().mean()),
         "worked_fraction": sum(map(uses_worked_steps, texts)) / len(texts),
         "zero_variance_groups": count_zero_variance_groups(grouped),
         "loss": float(loss.detach()),
         **stats,
+        **routing_stat,
         "seconds": time.perf_counter() - start,
     }
+
+
+def run_policy_loop(
+    policy: nn.Module,
+    problems: Sequence[ArithmeticProblem] | Callable[[int], Sequence[ArithmeticProblem]],
+    steps: int,
+    prompts_per_step: int,
+    step_fn: Callable[[ArithmeticTask, Sequence[ArithmeticProblem], torch.Generator],
+                      dict[str, float]],
+    eval_problems: Sequence[ArithmeticProblem] | None = None,
+    eval_every: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "RL",
+) -> GRPOHistory:
+    """The on-policy RL loop GRPO and PPO (:mod:`course_utils.ppo`) share: each step draws
+    ``prompts_per_step`` prompts and calls ``step_fn(task, batch, generator) -> record`` (one
+    sample-score-update iteration; the record needs a ``seconds`` key), with held-out greedy
+    accuracy before the first step, every ``eval_every`` steps and after the last.
+
+    ``problems``: a pool to draw from (without replacement within a step; ``seed`` drives the
+    draws and the sampling generator), or a function ``step -> problems``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if eval_every and not eval_problems:
+        raise ValueError("eval_every > 0 needs eval_problems")
+    rng = random.Random(seed)
+    if callable(problems):
+        draw = problems
+    else:
+        pool = list(problems)
+        if len(pool) < prompts_per_step:
+            raise ValueError(f"problems has {len(pool)} items, fewer than prompts_per_step="
+                             f"{prompts_per_step}")
+
+        def draw(step: int) -> Sequence[ArithmeticProblem]:
+            return rng.sample(pool, prompts_per_step)
+
+    first = list(draw(0))
+    task = ArithmeticTask.for_problems(first)
+    generator = torch.Generator(device=_device_of(policy)).manual_seed(seed)
+    history = GRPOHistory()
+
+    def evaluate(step: int) -> None:
+        result = evaluate_accuracy(policy, eval_problems, task=task)  # type: ignore[arg-type]
+        history.eval_steps.append(step)
+        history.eval_accuracy.append(result.accuracy)
+        history.eval_worked_fraction.append(result.worked_fraction)
+
+    start = time.perf_counter()
+    if eval_every:
+        evaluate(0)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
+    for step in bar:
+        batch = first if step == 0 else list(draw(step))
+        record = step_fn(task, batch, generator)
+        history.records.append(record)
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                        len=f"{record['length']:.1f}")
+        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+            if not history.eval_steps or history.eval_steps[-1] != step + 1:
+                evaluate(step + 1)
+    history.seconds = time.perf_counter() - start
+    return history
 
 
 def train_grpo(
@@ -629,58 +764,22 @@ def train_grpo(
     parameters that require grad (a LoRA-wrapped model trains only its adapters).
     ``reward_fn``: default :func:`make_reward_fn` of ``config.reward_weights``. With
     ``eval_problems`` and ``eval_every > 0``, greedy held-out accuracy is measured before the
-    first step, every ``eval_every`` steps and after the last.
+    first step, every ``eval_every`` steps and after the last (:func:`run_policy_loop`).
     """
     config = config or GRPOConfig()
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if eval_every and not eval_problems:
-        raise ValueError("eval_every > 0 needs eval_problems")
-    rng = random.Random(seed)
-    if callable(problems):
-        draw = problems
-    else:
-        pool = list(problems)
-        if len(pool) < config.prompts_per_step:
-            raise ValueError(f"problems has {len(pool)} items, fewer than prompts_per_step="
-                             f"{config.prompts_per_step}")
-
-        def draw(step: int) -> Sequence[ArithmeticProblem]:
-            return rng.sample(pool, config.prompts_per_step)
-
-    first = list(draw(0))
-    task = ArithmeticTask.for_problems(first)
-    device = _device_of(policy)
     if reference is None and config.beta > 0:
         reference = make_reference(policy)
     if optimizer is None:
         optimizer = make_optimizer(policy, config.lr, config.weight_decay, betas=(0.9, 0.99))
     reward_fn = reward_fn or make_reward_fn(config.reward_weights)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    history = GRPOHistory()
 
-    def evaluate(step: int) -> None:
-        result = evaluate_accuracy(policy, eval_problems, task=task)  # type: ignore[arg-type]
-        history.eval_steps.append(step)
-        history.eval_accuracy.append(result.accuracy)
-        history.eval_worked_fraction.append(result.worked_fraction)
+    def step_fn(task: ArithmeticTask, batch: Sequence[ArithmeticProblem],
+                generator: torch.Generator) -> dict[str, float]:
+        return grpo_step(policy, optimizer, task, batch, config, reference,  # type: ignore[arg-type]
+                         reward_fn, generator)
 
-    start = time.perf_counter()
-    if eval_every:
-        evaluate(0)
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
-    for step in bar:
-        batch = first if step == 0 else list(draw(step))
-        record = grpo_step(policy, optimizer, task, batch, config, reference, reward_fn,
-                           generator)
-        history.records.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
-                        len=f"{record['length']:.1f}")
-        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
-            if not history.eval_steps or history.eval_steps[-1] != step + 1:
-                evaluate(step + 1)
-    history.seconds = time.perf_counter() - start
-    return history
+    return run_policy_loop(policy, problems, steps, config.prompts_per_step, step_fn,
+                           eval_problems, eval_every, seed, progress, desc)
 
 
 # --------------------------------------------------------------------------------------------

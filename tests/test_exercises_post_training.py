@@ -89,6 +89,29 @@ def _todo(*args):
     raise NotImplementedError
 
 
+def _gae_right(r, v, m, gamma, lam):
+    adv = torch.zeros_like(r)
+    for i in range(r.shape[0]):
+        n, nxt = int(m[i].sum()), 0.0
+        for t in range(n - 1, -1, -1):
+            v_next = v[i, t + 1] if t + 1 < n else 0.0
+            nxt = r[i, t] + gamma * v_next - v[i, t] + gamma * lam * nxt
+            adv[i, t] = nxt
+    return adv
+
+
+def _gae_leaky(r, v, m, gamma, lam):
+    return _gae_right(r, v, torch.ones_like(m), gamma, lam) * m
+
+
+def _gae_no_lam(r, v, m, gamma, lam):
+    return _gae_right(r, v, m, gamma, 1.0)
+
+
+def _gae_td(r, v, m, gamma, lam):
+    return _gae_right(r, v, m, gamma, 0.0)
+
+
 CASES = [
     (ex.check_group_advantages, _adv_right, _adv_population, "unbiased"),
     (ex.check_group_advantages, _adv_right, _adv_batch, "whole batch"),
@@ -97,6 +120,9 @@ CASES = [
     (ex.check_k3_kl, _k3_right, _k3_k1, "negative"),
     (ex.check_clipped_objective, _clip_right, _clip_only, "min"),
     (ex.check_clipped_objective, _clip_right, _clip_max, "max instead of min"),
+    (ex.check_gae, _gae_right, _gae_leaky, "leaked"),
+    (ex.check_gae, _gae_right, _gae_no_lam, "left out lam"),
+    (ex.check_gae, _gae_right, _gae_td, "one-step"),
     (ex.check_lora_merge, _merge_right, _merge_unscaled, "forgot the scale"),
     (ex.check_lora_merge, _merge_right, _merge_inverse, "alpha / r"),
     (ex.check_soft_kl, _kl_right, _kl_no_t2, "T**2"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_models import tiny_moe_deepseek
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -527,3 +528,104 @@ def test_deepcopy_after_training_forward():
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
     out.sum().backward()
+
+
+# -- keep routing (DeepSeek-V3.2) -----------------------------------------------------------
+
+def _tiny_moe_model(seed: int = 0):
+    return tiny_moe_deepseek(seed, num_hidden_layers=3, first_k_dense_replace=1).eval()
+
+
+def _perturb_routers(model, scale: float = 2.0, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in moe.moe_modules(model):
+            m.gate.weight.add_(scale * torch.randn(m.gate.weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("scoring_func", ["sigmoid", "softmax"])
+def test_replayed_routing_equals_forcing_experts_by_hand(scoring_func):
+    """Under replay_routing the layer uses the recorded experts, weighted by the router's
+    *current* scores of them: equal to the per-token reference dispatch with those choices."""
+    extra = {} if scoring_func == "sigmoid" else {"topk_method": "greedy"}
+    c = MoEConfig(hidden_size=8, moe_intermediate_size=6, n_routed_experts=6,
+                  num_experts_per_tok=2, scoring_func=scoring_func, **extra)
+    torch.manual_seed(0)
+    layer = DeepSeekMoE(c).eval()
+    x = torch.randn(2, 5, 8)
+    layer(x)
+    kept = {"": layer.last_routing.indices.clone()}
+    with torch.no_grad():
+        layer.gate.weight.add_(3 * torch.randn_like(layer.gate.weight))
+    free = layer(x)
+    assert moe.routing_changed(kept, {"": layer.last_routing.indices}) > 0  # the choice moved
+    with moe.replay_routing(layer, kept):
+        replayed = layer(x)
+    assert torch.equal(layer.last_routing.indices, kept[""])
+    flat = x.reshape(-1, 8)
+    scores = moe._router_logits(flat, layer.gate.weight)
+    scores = scores.sigmoid() if scoring_func == "sigmoid" else scores.softmax(-1)
+    w = scores.gather(1, kept[""])
+    w = w / w.sum(-1, keepdim=True) * c.routed_scaling_factor
+    by_hand = moe.dispatch_reference(flat, layer.experts, kept[""], w).view_as(x)
+    by_hand = by_hand + layer.shared_experts(x)
+    torch.testing.assert_close(replayed, by_hand)
+    assert not torch.allclose(replayed, free)
+    assert layer.forced_indices is None  # the context restores free routing
+
+
+def test_replay_reproduces_the_recorded_forward_after_the_router_moved():
+    model = _tiny_moe_model()
+    ids = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids)
+    kept = moe.recorded_routing(model)
+    assert sorted(kept) == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert kept["model.layers.1.mlp"].shape == (36, 2)
+    with torch.no_grad(), moe.replay_routing(model, kept):
+        torch.testing.assert_close(model(ids), before, rtol=0, atol=0)  # same params: identical
+    _perturb_routers(model)
+    with torch.no_grad():
+        moved = model(ids)
+    changed = moe.routing_changed(kept, moe.recorded_routing(model))
+    assert changed > 0.2
+    with torch.no_grad(), moe.replay_routing(model, kept):
+        replayed = model(ids)
+    assert moe.routing_changed(kept, moe.recorded_routing(model)) == 0.0
+    # the replayed output differs from `before` only through the gate weights, much less than
+    # the freely routed one does
+    assert (replayed - before).abs().max() < (moved - before).abs().max()
+
+
+def test_replay_keeps_the_router_gradient():
+    model = _tiny_moe_model().train()
+    ids = torch.randint(0, 16, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids)
+    kept = moe.recorded_routing(model)
+    with moe.replay_routing(model, kept):
+        model(ids).logsumexp(-1).sum().backward()
+    for m in moe.moe_modules(model):
+        assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+
+
+def test_replay_routing_refuses_bad_input():
+    model = _tiny_moe_model()
+    ids = torch.randint(0, 16, (2, 6))
+    with pytest.raises(ValueError, match="forward pass first"):
+        moe.recorded_routing(model)
+    with torch.no_grad():
+        model(ids)
+    kept = moe.recorded_routing(model)
+    with pytest.raises(ValueError, match="does not have"):
+        with moe.replay_routing(model, {"model.layers.0.mlp": kept["model.layers.1.mlp"]}):
+            pass
+    with pytest.raises(ValueError, match="tokens, k"), torch.no_grad():
+        with moe.replay_routing(model, kept):
+            model(ids[:, :4])  # other tokens than recorded
+    assert all(m.forced_indices is None for m in moe.moe_modules(model))
+    with pytest.raises(ValueError, match=r"\[0, 8\)"), torch.no_grad():
+        with moe.replay_routing(model, {n: k + 8 for n, k in kept.items()}):
+            model(ids)
+    with pytest.raises(ValueError, match="no DeepSeekMoE"):
+        moe.recorded_routing(torch.nn.Linear(2, 2))

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from fake_models import tiny_moe_deepseek
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -328,6 +329,7 @@ def test_train_grpo_with_kl_reference_several_updates_and_evaluation():
                             progress=False,
                             reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
     assert history.eval_steps == [0, 2, 3] and len(history.eval_accuracy) == 3
+    assert 0 < history.train_seconds <= history.seconds  # evaluations excluded
     assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
     # the second update of a batch sees a ratio that moved away from 1
     assert any(r != 1.0 for r in history["ratio"])
@@ -373,6 +375,52 @@ def test_grpo_runs_on_the_mini_deepseek_with_cached_sampling():
     config = rl.GRPOConfig(prompts_per_step=2, group_size=4, max_new_tokens=6, beta=0.05)
     history = rl.train_grpo(model, task.problems(8), steps=2, config=config, progress=False)
     assert len(history) == 2 and all(math.isfinite(v) for v in history["loss"])
+
+
+def _tiny_moe_policy(seed: int = 0):
+    return tiny_moe_deepseek(seed, mtp=True)  # an MTP module: its MoE layer is skipped here
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_routing_in_grpo_updates(keep):
+    """With keep_routing every update routes the sampled tokens through the experts chosen at
+    sampling time (routing_changed == 0); without it a large
+    learning rate moves the routers and later updates switch experts."""
+    task = ArithmeticTask()
+    model = _tiny_moe_policy()
+    config = rl.GRPOConfig(prompts_per_step=4, group_size=4, lr=5e-2, updates_per_batch=4,
+                           max_new_tokens=6, keep_routing=keep, grad_clip=None)
+    history = rl.train_grpo(model, task.problems(16, seed=0), steps=3, config=config,
+                            progress=False, seed=0,
+                            reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+    changed = history["routing_changed"]
+    if keep:
+        assert changed == [0.0, 0.0, 0.0]
+    else:
+        assert max(changed) > 0.01, changed
+
+
+def test_keep_routing_needs_an_moe_policy():
+    config = rl.GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, keep_routing=True)
+    with pytest.raises(ValueError, match="MoE"):
+        rl.train_grpo(_tiny(seed=0), ArithmeticTask().problems(4), steps=1, config=config,
+                      progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda problems, texts: torch.full((len(texts),), float("nan")), "non-finite"),
+    (lambda problems, texts: torch.zeros(len(texts), 2), "shape"),
+    (lambda problems, texts: torch.zeros(len(texts) - 1), "shape"),
+    (lambda problems, texts: [0.0] * len(texts), "tensor"),
+])
+def test_a_reward_that_is_nan_or_the_wrong_shape_is_refused(bad, match):
+    config = rl.GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3)
+    with pytest.raises(ValueError, match=match):
+        rl.train_grpo(_tiny(seed=0), ArithmeticTask().problems(4), steps=1, config=config,
+                      reward_fn=bad, progress=False)
+    nan_verifier = rl.make_reward_fn({"nan": 1.0}, {"nan": lambda p, c: float("nan")})
+    with pytest.raises(ValueError, match="reward 'nan'.*non-finite"):
+        nan_verifier([P], ["065\n"])
 
 
 # -- the course's GRPO checkpoint (notebook 22 -> 23) ----------------------------------------

@@ -38,7 +38,7 @@ ROWS = [  # (file stem, title, builds, verified against)
 ("19_multi_token_prediction", "Multi-token prediction", "V3's MTP modules and loss; with vs without MTP over 3 seeds; speculative decoding", "depth-k alignment; transformers' MTP path (tests); speculative == greedy decoding; claims over seeds 0-4"),
 ("20_fp8_quantization", "FP8 quantization", "e4m3/e5m2, tile and block scaling, FP8 GEMM", "error vs fp32; torch float8 dtypes"),
 ("21_mini_deepseek", "Mini-DeepSeek", "the whole model with MTP, pretraining until its worked steps are right, checkpoints, HF interop", "transformers DeepseekV3ForCausalLM; claims over seeds 0-4"),
-("22_grpo", "GRPO", "rule-based rewards, group-relative advantages, R1-Zero style run", "unit tests of each term; reward curve; claims over seeds 0-4"),
+("22_grpo", "GRPO", "rule-based rewards, group advantages, R1-Zero style run; clip and KL acting; V3.2's GRPO changes and keep routing; reward hacking; PPO (critic, GAE) and DPO side by side", "each term by hand == `rl` (TRL parity in tests); keep routing changes no expert; claims over seeds 0-4"),
 ("23_distillation", "Distillation", "logit distillation and R1-distill style SFT", "student vs same-budget baseline; figures over seeds 0-4"),
 ("24_gpu_optimization_tricks", "GPU optimization tricks", "roofline, tiled attention with online softmax, fused kernels", "tiled attention == SDPA"),
 ]

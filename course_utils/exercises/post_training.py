@@ -8,6 +8,7 @@ import torch
 
 from ..distill import distillation_kl
 from ..lora import LoRALinear
+from ..ppo import gae
 from ..rl import group_advantages, k3_kl
 from ._feedback import Feedback, call_learner, compare_tensors
 
@@ -15,6 +16,7 @@ __all__ = [
     "check_group_advantages",
     "check_k3_kl",
     "check_clipped_objective",
+    "check_gae",
     "check_lora_merge",
     "check_soft_kl",
 ]
@@ -121,6 +123,42 @@ def check_clipped_objective(
         return bad
     return Feedback(True, "past 1 + eps (A > 0) or below 1 - eps (A < 0) the term is constant, so "
                           "its gradient is 0: the update cannot push further")
+
+
+def check_gae(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], torch.Tensor] | None,
+) -> Feedback:
+    """Exercise 22.4: ``fn(rewards (N, T), values (N, T), mask (N, T), gamma, lam) -> (N, T)``
+    advantages by GAE: delta_t = r_t + gamma V_{t+1} - V_t (V = 0 past a completion's last
+    token), A_t = delta_t + gamma lam A_{t+1}, and 0 where mask is False."""
+    hint = ("write gae(rewards, values, mask, gamma, lam): loop t from the last token back, "
+            "A_t = delta_t + gamma * lam * A_{t+1}")
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.5, 0.8], [0.3, 0.6, 5.0, 5.0]])  # junk past the end
+    gamma, lam = 0.9, 0.8
+    got, fb = call_learner(fn, hint, rewards.clone(), values.clone(), mask.clone(), gamma, lam)
+    if fb is not None:
+        return fb
+    want = gae(rewards, values, mask, gamma, lam)[0]
+    if isinstance(got, torch.Tensor) and got.shape == want.shape:
+        got_f = got.detach().float()
+        leaky = gae(rewards, values, torch.ones_like(mask), gamma, lam)[0] * mask
+        if torch.allclose(got_f, leaky, atol=1e-5):
+            return Feedback(False, "the values after a completion's last token leaked in: V is 0 "
+                                   "past the end (the episode is over), so stop the recursion "
+                                   "at each completion's length")
+        if torch.allclose(got_f, gae(rewards, values, mask, gamma, 1.0)[0], atol=1e-5):
+            return Feedback(False, "you left out lam: each later delta is discounted by "
+                                   "(gamma * lam) per step, not gamma alone")
+        if torch.allclose(got_f, gae(rewards, values, mask, gamma, 0.0)[0], atol=1e-5):
+            return Feedback(False, "that is the one-step TD error delta_t alone (lam = 0); add "
+                                   "gamma * lam * A_{t+1}")
+    bad = compare_tensors(got, want, "gae", atol=1e-5)
+    if bad is not None:
+        return bad
+    return Feedback(True, "lam trades bias for variance: 1 gives the Monte-Carlo return minus V, "
+                          "0 trusts the critic after one step")
 
 
 # -- 23 LoRA ----------------------------------------------------------------------------------
