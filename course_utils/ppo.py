@@ -68,9 +68,10 @@ class ValueModel(nn.Module):
             raise ValueError(f"{type(policy).__name__} has no forward_with_hidden(ids) -> "
                              "(logits, hidden); the critic needs the policy's hidden states")
         body = copy.deepcopy(policy)
-        tied = getattr(getattr(body, "lm_head", None), "weight", None) is getattr(
-            getattr(getattr(body, "model", None), "embed_tokens", None), "weight", 0)
-        if hasattr(body, "lm_head") and not tied:
+        head = getattr(body, "lm_head", None)
+        embed = getattr(getattr(body, "model", body), "embed_tokens", None)
+        tied = head is not None and embed is not None and head.weight is embed.weight
+        if head is not None and not tied:  # a tied head is the embedding table: keep it
             body.lm_head = nn.Identity()
         if hasattr(body, "mtp"):
             body.mtp = nn.ModuleList()

@@ -63,7 +63,8 @@ def build_preference_pairs(
     """Sample ``samples_per_problem`` completions per problem from ``model`` at
     ``temperature``; for each problem with at least one completion ``verifier`` accepts and one
     it refuses, make up to ``pairs_per_problem`` pairs (distinct accepted and refused
-    completions, chosen at random with ``seed``)."""
+    completions, chosen at random with ``seed``). An empty completion is never used: it has
+    no token to learn from."""
     if samples_per_problem < 2:
         raise ValueError(f"samples_per_problem must be >= 2 to find a right and a wrong "
                          f"answer, got {samples_per_problem}")
