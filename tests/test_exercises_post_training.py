@@ -112,6 +112,18 @@ def _gae_td(r, v, m, gamma, lam):
     return _gae_right(r, v, m, gamma, 0.0)
 
 
+def _signal_right(p, g):
+    return 1 - (1 - p) ** g - p**g
+
+
+def _signal_no_all_right(p, g):
+    return 1 - (1 - p) ** g
+
+
+def _signal_linear(p, g):
+    return g * p
+
+
 CASES = [
     (ex.check_group_advantages, _adv_right, _adv_population, "unbiased"),
     (ex.check_group_advantages, _adv_right, _adv_batch, "whole batch"),
@@ -128,6 +140,8 @@ CASES = [
     (ex.check_soft_kl, _kl_right, _kl_no_t2, "T**2"),
     (ex.check_soft_kl, _kl_right, _kl_reverse, "reverse"),
     (ex.check_soft_kl, _kl_right, _kl_unsoftened, "before the softmax"),
+    (ex.check_group_signal, _signal_right, _signal_no_all_right, "all G samples are right"),
+    (ex.check_group_signal, _signal_right, _signal_linear, "expected number"),
 ]
 
 

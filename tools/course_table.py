@@ -39,7 +39,7 @@ ROWS = [  # (file stem, title, builds, verified against)
 ("20_fp8_quantization", "FP8 quantization", "e4m3/e5m2, tile and block scaling, FP8 GEMM", "error vs fp32; torch float8 dtypes"),
 ("21_mini_deepseek", "Mini-DeepSeek", "the whole model with MTP, pretraining until its worked steps are right, checkpoints, HF interop", "transformers DeepseekV3ForCausalLM; claims over seeds 0-4"),
 ("22_grpo", "GRPO", "rule-based rewards, group advantages, R1-Zero style run; clip and KL acting; V3.2's GRPO changes and keep routing; reward hacking; PPO (critic, GAE) and DPO side by side", "each term by hand == `rl` (TRL parity in tests); keep routing changes no expert; claims over seeds 0-4"),
-("23_distillation", "Distillation", "logit distillation and R1-distill style SFT", "student vs same-budget baseline; figures over seeds 0-4"),
+("23_distillation", "Distillation", "five students, one budget: scratch, SFT on ground truth, SFT on teacher samples (R1-distill), logit distillation, student GRPO; LoRA vs full fine-tuning", "KL == F.kl_div; LoRA == PEFT (tests); arms over 3 student seeds, notebook seeds 0-4"),
 ("24_gpu_optimization_tricks", "GPU optimization tricks", "roofline, tiled attention with online softmax, fused kernels", "tiled attention == SDPA"),
 ]
 

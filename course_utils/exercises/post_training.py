@@ -19,6 +19,7 @@ __all__ = [
     "check_gae",
     "check_lora_merge",
     "check_soft_kl",
+    "check_group_signal",
 ]
 
 # -- 22 GRPO ----------------------------------------------------------------------------------
@@ -236,3 +237,32 @@ def check_soft_kl(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor
         return bad
     return Feedback(True, "forward KL on softened distributions: the student is pushed to "
                           "cover every token the teacher gives mass to")
+
+
+def check_group_signal(fn: Callable[[torch.Tensor, int], torch.Tensor] | None) -> Feedback:
+    """Exercise 23.3: ``fn(p (N,), group_size) -> (N,)``: the chance that a group of
+    ``group_size`` independent samples, each right with probability p, holds at least one right
+    and at least one wrong answer, ``1 - (1 - p)**G - p**G``: the groups whose rewards differ,
+    the only ones that give GRPO a gradient (notebook 23, section 4)."""
+    hint = ("write group_signal(p, group_size): one minus the chance that all G samples are "
+            "wrong, minus the chance that all are right")
+    p = torch.tensor([0.0, 0.008, 0.05, 0.3, 0.5, 0.9, 1.0], dtype=torch.float64)
+    g = 8
+    got, fb = call_learner(fn, hint, p.clone(), g)
+    if fb is not None:
+        return fb
+    want = 1 - (1 - p) ** g - p**g
+    if isinstance(got, torch.Tensor) and got.shape == want.shape:
+        got_f = got.detach().double()
+        if torch.allclose(got_f, 1 - (1 - p) ** g, atol=1e-6):
+            return Feedback(False, "a group where all G samples are right has no signal either: "
+                                   "every advantage is zero; subtract p**G too")
+        if torch.allclose(got_f, g * p, atol=1e-6):
+            return Feedback(False, "G * p is the expected number of right samples, not a "
+                                   "probability (it exceeds 1 for large p)")
+    bad = compare_tensors(got, want.float(), "group_signal", atol=1e-5)
+    if bad is not None:
+        return bad
+    return Feedback(True, f"with p = {p[1].item()} (a weak student) only "
+                          f"{want[1].item():.1%} of groups of {g} carry a signal; at p = 0.5, "
+                          f"{want[4].item():.1%}")
