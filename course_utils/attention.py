@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
+from .runtime import check_generator
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -92,6 +93,7 @@ def scaled_dot_product_attention(
     weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     dropped = weights
     if dropout_p > 0.0:
+        check_generator(generator, weights.device, "the attention weights")
         keep = torch.rand(weights.shape, generator=generator, device=weights.device) >= dropout_p
         dropped = weights * keep / (1.0 - dropout_p)
     out = dropped @ v

@@ -28,6 +28,7 @@ from .arithmetic import ArithmeticTask, generate_completions
 from .data import ArithmeticProblem, check_completion, uses_worked_steps
 from .generation import CausalLM, generate
 from .rl import completion_mask
+from .runtime import make_generator
 from .train import (
     TrainResult,
     language_model_loss,
@@ -322,7 +323,7 @@ def train_on_policy_distillation(
     task = ArithmeticTask.for_problems(problems)
     device = _device_of(student)
     max_new = max_new_tokens or task.default_max_new_tokens
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = make_generator(seed, device)
     pick = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(student, lr, weight_decay=0.0, betas=(0.9, 0.99))
     teacher.eval()

@@ -49,6 +49,7 @@ from .moe import (
     replay_routing,
     routing_changed,
 )
+from .runtime import make_generator
 from .train import make_optimizer
 
 __all__ = [
@@ -715,7 +716,7 @@ def run_policy_loop(
 
     first = list(draw(0))
     task = ArithmeticTask.for_problems(first)
-    generator = torch.Generator(device=_device_of(policy)).manual_seed(seed)
+    generator = make_generator(seed, _device_of(policy))
     history = GRPOHistory()
 
     def evaluate(step: int) -> None:

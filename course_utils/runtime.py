@@ -19,10 +19,12 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -86,27 +88,117 @@ def get_device(name: str | None = None) -> torch.device:
                 )
         if device.type == "mps" and not _mps_available():
             raise RuntimeError("COURSE_DEVICE asks for mps but torch sees no MPS device")
+        if device.type == "cuda":
+            _prepare_cuda_determinism()
         return device
     if torch.cuda.is_available():
+        _prepare_cuda_determinism()
         return torch.device("cuda")
     if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def _prepare_cuda_determinism() -> None:
+    """cuBLAS is deterministic only with a fixed workspace, chosen by an environment variable
+    read when its first handle is made, so it must be set before any CUDA matmul (see
+    :func:`deterministic`). A value already set by the user is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device | str) -> Iterator[None]:
+    """Inside the block, ask torch for deterministic kernels on ``device`` when it is a GPU.
+
+    On a CPU the course's ops are deterministic already, and nothing changes (results stay
+    bit-identical to a run without the block). On CUDA some ops add in whatever order threads
+    finish, ``index_add_`` in the MoE combine among them, so two identical runs can differ in the
+    last bits; ``torch.use_deterministic_algorithms`` switches them to fixed-order kernels. An op
+    with no deterministic kernel only warns (``warn_only``): code that compares two runs must
+    still allow a tolerance off the CPU (notebook 21's resume check does).
+    """
+    if torch.device(device).type == "cpu":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def _check_seed(seed: object) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` as tensors on it report theirs: an accelerator named without an index gets
+    the index torch would use (``"cuda"`` -> ``cuda:0`` on a one-GPU machine, ``"mps"`` ->
+    ``mps:0``); the CPU stays ``cpu``.
+
+    ``torch.device("cuda") != torch.device("cuda:0")`` although both name the same GPU, which
+    is why device checks in the course compare canonical devices (:func:`same_device`).
+    """
+    device = torch.device(device)
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return torch.device("cuda", index)
+    return torch.device(device.type, 0)
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """True when ``a`` and ``b`` name the same device (``"cuda"`` and ``"cuda:0"`` do, on a
+    machine whose current GPU is 0)."""
+    return canonical_device(a) == canonical_device(b)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` (index made explicit, :func:`canonical_device`),
+    seeded with ``seed``: the generator to hand to code that draws random numbers *on* that
+    device, such as sampling from a model's logits.
+
+    The course's rule: draw on the device the tensors live on, so a model on ``cuda:0`` samples
+    with ``make_generator(seed, device)``, never with a CPU generator. (Drawing on the CPU and
+    moving the result, as ``torch.randn(..., generator=cpu_gen).to(device)`` does, is fine too:
+    it gives the same numbers on every device.)
+    """
+    _check_seed(seed)
+    return torch.Generator(device=canonical_device(device)).manual_seed(seed)
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device | str,
+                    what: str = "the tensors") -> None:
+    """Raise ``ValueError`` when ``generator`` (if given) is not on ``device``, the device of
+    ``what``. Torch's own message for this mismatch is obscure; this one names the fix."""
+    if generator is not None and not same_device(generator.device, device):
+        raise ValueError(
+            f"generator is on {generator.device} but {what} are on {canonical_device(device)}; "
+            f"make it with course_utils.runtime.make_generator(seed, device) for the device "
+            "the tensors live on"
+        )
+
+
+def seed_everything(seed: int, device: torch.device | str | None = None) -> torch.Generator:
     """Seed Python's, NumPy's and torch's generators (CPU and all GPUs) with ``seed``.
 
-    Returns a fresh CPU ``torch.Generator`` seeded the same way, for code that wants its own
-    stream of random numbers.
+    Returns a fresh ``torch.Generator`` seeded the same way, for code that wants its own stream
+    of random numbers: on ``device`` when given (:func:`make_generator`; what sampling from a
+    model on that device needs), else on the CPU (for ``torch.randn(..., generator=g)``, whose
+    numbers are then the same on every device once moved with ``.to(device)``).
     """
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    if device is not None:
+        return make_generator(seed, device)
     return torch.Generator().manual_seed(seed)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .runtime import check_generator
+
 __all__ = ["softmax", "apply_temperature", "top_k_filter", "top_p_filter", "sample_next_token"]
 
 
@@ -78,10 +80,6 @@ def sample_next_token(
         logits = top_p_filter(logits, top_p)
     probs = softmax(logits)
     flat = probs.reshape(-1, probs.shape[-1])
-    if generator is not None and generator.device != flat.device:
-        raise ValueError(
-            f"generator is on {generator.device} but logits are on {flat.device}; "
-            "create the generator on the logits' device"
-        )
+    check_generator(generator, flat.device, "the logits")
     ids = torch.multinomial(flat, 1, generator=generator)
     return ids.reshape(probs.shape[:-1])

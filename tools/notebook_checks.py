@@ -16,6 +16,8 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from nbtool import SETUP_CELL, SETUP_CELL_REFERENCE  # noqa: E402 (tools/, beside this file)
+
 from course_utils.runtime import colab_badge_url  # noqa: E402
 
 NAME_PATTERN = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
@@ -60,12 +62,13 @@ def hygiene_problems(path: Path, require_outputs: bool = True) -> list[str]:
         if badge not in cells[0].source:
             problems.append(f"{name}: first cell lacks the Colab badge pointing at {badge}")
     code = [c for c in cells if c.cell_type == "code"]
-    if not code or "google.colab" not in code[0].source:
-        problems.append(f"{name}: first code cell must be the Colab set-up cell")
+    if not code or code[0].source.strip() not in (SETUP_CELL, SETUP_CELL_REFERENCE):
+        problems.append(f"{name}: first code cell must be the Colab set-up cell exactly as "
+                        "tools/nbtool.py writes it (python tools/nbtool.py setup-cells)")
     elif (any(_TRANSFORMERS_IMPORT.search(c.source) for c in code)
-          and "/content/course[reference]" not in code[0].source):
+          and code[0].source.strip() != SETUP_CELL_REFERENCE):
         problems.append(f"{name}: imports transformers, so its Colab set-up cell must install "
-                        "/content/course[reference] (tools/nbtool.py header ... --reference)")
+                        "course_utils[reference] (tools/nbtool.py header ... --reference)")
     if not any("parameters" in c.metadata.get("tags", []) for c in code):
         problems.append(f"{name}: no code cell is tagged 'parameters'")
     for i, c in enumerate(cells):
