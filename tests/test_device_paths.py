@@ -145,3 +145,23 @@ def test_notebook_makes_generators_for_its_device(path: Path, tmp_path: Path, mo
                     "that draws on the model's device must come from "
                     "runtime.make_generator(seed, device))")
     assert os.environ["COURSE_SMOKE"] == "1"
+
+
+def test_deterministic_changes_nothing_on_a_cpu_and_restores_the_flags():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with runtime.deterministic("cpu"):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with runtime.deterministic(torch.device("cuda", 0)):  # a GPU: fixed-order kernels, warn only
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_get_device_prepares_cublas_determinism(one_gpu, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("COURSE_DEVICE", raising=False)
+    assert runtime.get_device() == torch.device("cuda")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's choice is kept
+    runtime.get_device()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
