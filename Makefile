@@ -44,7 +44,7 @@ test: setup
 
 # Re-run notebooks in place (NB=notebooks/01_*.ipynb for one) to refresh committed outputs.
 execute: setup
-	$(PY) tools/notebook_checks.py execute $(wildcard $(NB))
+	$(PY) tools/notebook_checks.py execute $(NB)
 
 bench: setup
 	$(PY) -m benchmarks $(ARGS)

@@ -32,9 +32,10 @@ from .data import (
     make_arithmetic_corpus,
     sample_arithmetic_problems,
     uses_worked_steps,
+    windows_at,
 )
 from .generation import CausalLM, generate
-from .runtime import seed_everything
+from .runtime import device_of, seed_everything
 from .tokenizer import ARITHMETIC_ALPHABET, CharTokenizer
 from .train import train_language_model
 
@@ -245,12 +246,10 @@ class ArithmeticTask:
             raise ValueError(f"block_size={block} is longer than the corpus "
                              f"({ids.numel()} tokens); build it with more lines")
         starts = starts.to(ids.device)
-        offsets = torch.arange(block + 1, device=ids.device)
 
         def get_windows() -> tuple[Tensor, Tensor]:
             pick = torch.randint(0, starts.numel(), (batch_size,), generator=generator)
-            windows = ids[starts[pick.to(ids.device)][:, None] + offsets]
-            return windows[:, :-1], windows[:, 1:]
+            return windows_at(ids, starts[pick.to(ids.device)], block)
 
         return get_windows
 
@@ -357,13 +356,6 @@ class EvalResult:
                 f"length {self.mean_length:.1f})" + (f"; {passes}" if passes else ""))
 
 
-def _device_of(model: object) -> torch.device:
-    try:
-        return next(model.parameters()).device  # type: ignore[attr-defined]
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate_completions(
     model: CausalLM,
@@ -397,7 +389,7 @@ def generate_completions(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = task or ArithmeticTask.for_problems(problems)
     max_new = task.default_max_new_tokens if max_new_tokens is None else max_new_tokens
-    prompts = task.encode_prompts(problems, _device_of(model)).repeat_interleave(samples, dim=0)
+    prompts = task.encode_prompts(problems, device_of(model)).repeat_interleave(samples, dim=0)
     completions: list[str] = []
     for i in range(0, prompts.shape[0], batch_size):
         chunk = prompts[i:i + batch_size]
@@ -513,7 +505,7 @@ def train_on_task(
     if device is not None:
         model = model.to(device)
     else:
-        device = _device_of(model)
+        device = device_of(model)
     batches = task.lm_batches(corpus, batch_size, prompt_loss=False, device=device,
                               generator=torch.Generator().manual_seed(seed + 1))
     at: list[int] = []

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .config import DeepSeekConfig
 from .model import DeepSeekForCausalLM
+from .moe import split_fused_experts
 
 __all__ = [
     "load_hf_checkpoint",
@@ -54,7 +55,6 @@ __all__ = [
     "read_safetensors_dir",
     "save_hf_checkpoint",
     "save_training_state",
-    "split_fused_experts",
 ]
 
 _INDEX = "model.safetensors.index.json"
@@ -92,36 +92,6 @@ def read_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
             raise ValueError(f"{index} disagrees with its shards: listed but absent {absent[:5]}, "
                              f"present but unlisted {stray[:5]}")
     return tensors
-
-
-def split_fused_experts(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rewrite transformers 5's fused expert tensors into the Hub's per-expert names.
-
-    ``{p}.experts.gate_up_proj`` (E, 2*I, H) -> ``{p}.experts.{e}.gate_proj.weight`` (first I
-    rows) and ``.up_proj.weight`` (last I rows); ``{p}.experts.down_proj`` (E, H, I) ->
-    ``{p}.experts.{e}.down_proj.weight``. Other tensors pass through unchanged.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in tensors.items():
-        if key.endswith(".experts.gate_up_proj"):
-            prefix = key[: -len("gate_up_proj")]
-            if value.dim() != 3 or value.shape[1] % 2:
-                raise ValueError(f"{key} must be (experts, 2 * moe_intermediate_size, hidden), "
-                                 f"found {tuple(value.shape)}")
-            for e, w in enumerate(value):
-                gate, up = w.chunk(2, dim=0)
-                out[f"{prefix}{e}.gate_proj.weight"] = gate
-                out[f"{prefix}{e}.up_proj.weight"] = up
-        elif key.endswith(".experts.down_proj"):
-            prefix = key[: -len("down_proj")]
-            if value.dim() != 3:
-                raise ValueError(f"{key} must be (experts, hidden, moe_intermediate_size), "
-                                 f"found {tuple(value.shape)}")
-            for e, w in enumerate(value):
-                out[f"{prefix}{e}.down_proj.weight"] = w
-        else:
-            out[key] = value
-    return out
 
 
 def _layer_index(key: str) -> int | None:

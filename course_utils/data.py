@@ -37,6 +37,7 @@ __all__ = [
     "is_well_formed",
     "steps_correct",
     "random_windows",
+    "windows_at",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -279,6 +280,15 @@ def random_windows(
             f"block_size={block_size} needs more than block_size tokens; ids has {ids.numel()}"
         )
     starts = torch.randint(0, ids.numel() - block_size, (batch_size,), generator=generator)
-    offsets = torch.arange(block_size + 1)
-    windows = ids[starts[:, None] + offsets]
+    return windows_at(ids, starts, block_size)
+
+
+def windows_at(ids: torch.Tensor, starts: torch.Tensor, block_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``ids[s : s + block_size]`` and next-token targets ``ids[s + 1 : s + block_size
+    + 1]`` for each start ``s``: two (len(starts), block_size) tensors on ``ids``' device. The
+    one owner of "windows of a token stream": :func:`random_windows` draws the starts anywhere,
+    ``ArithmeticTask.lm_batches`` at line starts."""
+    offsets = torch.arange(block_size + 1, device=ids.device)
+    windows = ids[starts.to(ids.device)[:, None] + offsets]
     return windows[:, :-1], windows[:, 1:]

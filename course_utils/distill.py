@@ -28,7 +28,7 @@ from .arithmetic import ArithmeticTask, generate_completions
 from .data import ArithmeticProblem, check_completion, uses_worked_steps
 from .generation import CausalLM, generate
 from .rl import completion_mask
-from .runtime import make_generator
+from .runtime import device_of, make_generator
 from .train import (
     TrainResult,
     language_model_loss,
@@ -224,13 +224,6 @@ def sft_batches(
     return get_batch
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def train_sft(
     model: nn.Module,
     data: DistillationSet | tuple[Sequence[ArithmeticProblem], Sequence[str]],
@@ -253,7 +246,7 @@ def train_sft(
                          "verifier reject every teacher sample?)")
     inputs, targets = sft_tensors(problems, completions)
     generator = torch.Generator().manual_seed(seed)
-    get_batch = sft_batches(inputs, targets, batch_size, generator, _device_of(model))
+    get_batch = sft_batches(inputs, targets, batch_size, generator, device_of(model))
     return train_language_model(model, get_batch, steps, lr=lr, progress=progress, desc=desc,
                                 **train_kwargs)
 
@@ -321,7 +314,7 @@ def train_on_policy_distillation(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     task = ArithmeticTask.for_problems(problems)
-    device = _device_of(student)
+    device = device_of(student)
     max_new = max_new_tokens or task.default_max_new_tokens
     generator = make_generator(seed, device)
     pick = torch.Generator().manual_seed(seed)

@@ -41,8 +41,7 @@ __all__ = [
     "MultiHeadLatentAttention",
     "cache_size_table",
     "rope_rows_to_half_split",
-    "kv_cache_bytes_per_token",
-    "latent_cache_bytes_per_token",
+    "latent_cache_bytes",
 ]
 
 #: DeepSeek's latent norms use eps 1e-6 whatever ``rms_norm_eps`` says (as both the released
@@ -287,23 +286,28 @@ def rope_rows_to_half_split(state_dict: Mapping[str, Tensor], config: MLAConfig
 # -- memory accounting ------------------------------------------------------------------------
 
 
-def kv_cache_bytes_per_token(n_kv_heads: int, head_dim: int, dtype_bytes: int = 2,
-                             num_layers: int = 1) -> int:
-    """Bytes an MHA/GQA/MQA cache holds per token: K and V, each n_kv_heads x head_dim.
-
-    The argument order of notebooks 10-11 over :func:`course_utils.cache.kv_cache_bytes`, the
-    one formula the course uses for a K/V cache.
-    """
-    return kv_cache_bytes(num_layers, n_kv_heads, head_dim, bytes_per_element=dtype_bytes)
-
-
-def latent_cache_bytes_per_token(kv_lora_rank: int, qk_rope_head_dim: int, dtype_bytes: int = 2,
-                                 num_layers: int = 1) -> int:
-    """Bytes MLA's cache holds per token: (kv_lora_rank + qk_rope_head_dim) per layer."""
-    if min(kv_lora_rank, dtype_bytes, num_layers) < 1 or qk_rope_head_dim < 0:
-        raise ValueError("kv_lora_rank, dtype_bytes, num_layers must be >= 1 and "
-                         "qk_rope_head_dim >= 0")
-    return (kv_lora_rank + qk_rope_head_dim) * dtype_bytes * num_layers
+def latent_cache_bytes(
+    num_layers: int,
+    kv_lora_rank: int,
+    qk_rope_head_dim: int,
+    seq_len: int = 1,
+    batch_size: int = 1,
+    bytes_per_element: int = 2,
+) -> int:
+    """Bytes of MLA's cache: layers x (kv_lora_rank + qk_rope_head_dim) x tokens x batch x
+    element size, with no factor 2 (keys and values are both rebuilt from the one latent, and
+    the one rotary key is shared by all heads). The argument order of
+    :func:`course_utils.cache.kv_cache_bytes`, the K/V cache's formula; with the defaults it is
+    the bytes per token of the whole model."""
+    for name, value in (("num_layers", num_layers), ("kv_lora_rank", kv_lora_rank),
+                        ("seq_len", seq_len), ("batch_size", batch_size),
+                        ("bytes_per_element", bytes_per_element)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if qk_rope_head_dim < 0:
+        raise ValueError(f"qk_rope_head_dim must be >= 0, got {qk_rope_head_dim}")
+    return (num_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch_size
+            * bytes_per_element)
 
 
 #: Attention shapes of real models, from the public config.json files on the Hugging Face Hub
@@ -352,11 +356,11 @@ def cache_size_table(configs: Mapping[str, Mapping[str, Any]] | None = None,
         head_dim = cfg.get("head_dim", 128)
         schemes = {"MHA": heads, f"GQA ({cfg.get('num_key_value_heads', gqa_groups)} KV heads)":
                    cfg.get("num_key_value_heads", gqa_groups), "MQA": 1}
-        per_layer = {k: kv_cache_bytes_per_token(n, head_dim, dtype_bytes)
+        per_layer = {k: kv_cache_bytes(1, n, head_dim, bytes_per_element=dtype_bytes)
                      for k, n in schemes.items()}
         if "kv_lora_rank" in cfg:
-            per_layer["MLA"] = latent_cache_bytes_per_token(
-                cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], dtype_bytes)
+            per_layer["MLA"] = latent_cache_bytes(1, cfg["kv_lora_rank"], cfg["qk_rope_head_dim"],
+                                                  bytes_per_element=dtype_bytes)
         for scheme, b in per_layer.items():
             rows.append({
                 "model": name, "scheme": scheme, "elements_per_token_per_layer": b // dtype_bytes,

@@ -51,13 +51,14 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "communication_balance_loss",
-    "count_parameters",
+    "total_and_active_parameters",
     "device_balance_loss",
     "dispatch_reference",
     "dispatch_vectorized",
     "expert_balance_loss",
     "expert_counts",
     "load_fused_experts",
+    "split_fused_experts",
     "load_statistics",
     "make_router",
     "normalized_affinities",
@@ -510,6 +511,38 @@ def routing_changed(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
     return changed / max(total, 1)
 
 
+def split_fused_experts(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rewrite transformers 5's fused expert tensors into the Hub's per-expert names.
+
+    ``{p}.experts.gate_up_proj`` (E, 2*I, H) -> ``{p}.experts.{e}.gate_proj.weight`` (first I
+    rows) and ``.up_proj.weight`` (last I rows); ``{p}.experts.down_proj`` (E, H, I) ->
+    ``{p}.experts.{e}.down_proj.weight`` (``{p}`` may be empty: a single layer's state).
+    Other tensors pass through unchanged. The one owner of the fused layout:
+    :func:`load_fused_experts` and ``checkpoint.load_hf_checkpoint`` both read through it.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key == "experts.gate_up_proj" or key.endswith(".experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            if value.dim() != 3 or value.shape[1] % 2:
+                raise ValueError(f"{key} must be (experts, 2 * moe_intermediate_size, hidden), "
+                                 f"found {tuple(value.shape)}")
+            for e, w in enumerate(value):
+                gate, up = w.chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate
+                out[f"{prefix}{e}.up_proj.weight"] = up
+        elif key == "experts.down_proj" or key.endswith(".experts.down_proj"):
+            prefix = key[: -len("down_proj")]
+            if value.dim() != 3:
+                raise ValueError(f"{key} must be (experts, hidden, moe_intermediate_size), "
+                                 f"found {tuple(value.shape)}")
+            for e, w in enumerate(value):
+                out[f"{prefix}{e}.down_proj.weight"] = w
+        else:
+            out[key] = value
+    return out
+
+
 def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:
     """Copy a transformers 5.x DeepseekV2/V3 MoE state dict into ``moe``.
 
@@ -519,17 +552,16 @@ def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:
     ``shared_experts.*`` map by name.
     """
     c = moe.config
-    gate_up, down = state["experts.gate_up_proj"], state["experts.down_proj"]
+    gate_up = state["experts.gate_up_proj"]
     want_gu = (c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size)
     if tuple(gate_up.shape) != want_gu:
         raise ValueError(f"experts.gate_up_proj has shape {tuple(gate_up.shape)}, this config "
                          f"expects {want_gu}")
+    per_expert = split_fused_experts(state)
     with torch.no_grad():
         for e, expert in enumerate(moe.experts):
-            gate, up = gate_up[e].chunk(2, dim=0)
-            expert.gate_proj.weight.copy_(gate)
-            expert.up_proj.weight.copy_(up)
-            expert.down_proj.weight.copy_(down[e])
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(expert, name).weight.copy_(per_expert[f"experts.{e}.{name}.weight"])
         moe.gate.weight.copy_(state["gate.weight"])
         if "gate.e_score_correction_bias" in state:
             if not isinstance(moe.gate, DeepSeekV3Router):
@@ -542,7 +574,7 @@ def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:
                     state[f"shared_experts.{name}.weight"])
 
 
-def count_parameters(moe: DeepSeekMoE) -> tuple[int, int]:
+def total_and_active_parameters(moe: DeepSeekMoE) -> tuple[int, int]:
     """(total, active per token) parameters of a DeepSeekMoE layer, router included."""
     c = moe.config
     per_expert = sum(p.numel() for p in moe.experts[0].parameters())

@@ -37,7 +37,6 @@ from .data import ArithmeticProblem, check_completion, uses_worked_steps
 from .rl import (
     GRPOHistory,
     Rewards,
-    _device_of,
     check_rewards,
     completion_logprobs,
     grpo_loss,
@@ -46,6 +45,7 @@ from .rl import (
     run_policy_loop,
     sample_groups,
 )
+from .runtime import device_of
 from .train import make_optimizer
 
 __all__ = ["ValueModel", "token_values", "terminal_rewards", "gae", "value_loss", "PPOConfig",
@@ -79,8 +79,8 @@ class ValueModel(nn.Module):
             p.requires_grad_(True)
         self.body = body
         hidden = self._hidden(torch.zeros(1, 1, dtype=torch.long,
-                                          device=_device_of(policy))).shape[-1]
-        self.head = nn.Linear(hidden, 1).to(_device_of(policy))
+                                          device=device_of(policy))).shape[-1]
+        self.head = nn.Linear(hidden, 1).to(device_of(policy))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -243,7 +243,7 @@ def ppo_step(
         raise ValueError(f"beta={config.beta} needs a reference model")
     reward_fn = reward_fn or make_reward_fn(dict(config.reward_weights or {"correctness": 1.0}))
     max_new = config.max_new_tokens or task.default_max_new_tokens
-    prompts = task.encode_prompts(problems, _device_of(policy))
+    prompts = task.encode_prompts(problems, device_of(policy))
     samples = sample_groups(policy, prompts, 1, max_new, config.temperature, task.eos_token_id,
                             generator)
     texts = task.decode_completions(samples.completion_ids)

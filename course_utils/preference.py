@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .arithmetic import ArithmeticTask, generate_completions
 from .data import ArithmeticProblem, check_completion
 from .distill import sft_tensors
-from .rl import _device_of, _token_logprobs, dpo_loss, make_reference, sequence_logprobs
+from .rl import _token_logprobs, dpo_loss, make_reference, sequence_logprobs
+from .runtime import device_of
 from .train import Trainer, TrainResult
 
 __all__ = ["PreferencePairs", "DPORun", "build_preference_pairs", "dpo_tensors", "train_dpo"]
@@ -138,7 +139,7 @@ def train_dpo(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     inputs, targets = dpo_tensors(pairs)
-    device = _device_of(policy)
+    device = device_of(policy)
     inputs, targets = inputs.to(device), targets.to(device)
     n = len(pairs)
     reference = reference if reference is not None else make_reference(policy)

@@ -49,7 +49,7 @@ from .moe import (
     replay_routing,
     routing_changed,
 )
-from .runtime import make_generator
+from .runtime import device_of, make_generator
 from .train import make_optimizer
 
 __all__ = [
@@ -562,13 +562,6 @@ class GRPOHistory:
         return len(self.records)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def make_reference(policy: nn.Module) -> nn.Module:
     """A frozen copy of ``policy`` (eval mode, no gradients): the KL term's reference."""
     reference = copy.deepcopy(policy).eval()
@@ -607,7 +600,7 @@ def grpo_step(
         raise ValueError(f"beta={config.beta} needs a reference model; pass "
                          "reference=make_reference(policy) or set beta=0")
     reward_fn = reward_fn or make_reward_fn(config.reward_weights)
-    device = _device_of(policy)
+    device = device_of(policy)
     max_new = config.max_new_tokens or task.default_max_new_tokens
     g = config.group_size
     prompts = task.encode_prompts(problems, device)
@@ -716,7 +709,7 @@ def run_policy_loop(
 
     first = list(draw(0))
     task = ArithmeticTask.for_problems(first)
-    generator = make_generator(seed, _device_of(policy))
+    generator = make_generator(seed, device_of(policy))
     history = GRPOHistory()
 
     def evaluate(step: int) -> None:

@@ -134,6 +134,18 @@ def _check_seed(seed: object) -> None:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
+def device_of(model: object) -> torch.device:
+    """The device of ``model``'s first parameter; the CPU for a model without parameters (or
+    an object that is no module, such as the n-gram models)."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return torch.device("cpu")
+    try:
+        return next(iter(parameters())).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def canonical_device(device: torch.device | str) -> torch.device:
     """``device`` as tensors on it report theirs: an accelerator named without an index gets
     the index torch would use (``"cuda"`` -> ``cuda:0`` on a one-GPU machine, ``"mps"`` ->

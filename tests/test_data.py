@@ -132,3 +132,17 @@ def test_random_windows():
     assert x.shape == (4, 8) and torch.equal(y, x + 1)
     with pytest.raises(ValueError, match="block_size"):
         data.random_windows(ids[:5], 2, 8)
+
+
+def test_windows_at_gives_inputs_and_shifted_targets():
+    from course_utils.data import random_windows, windows_at
+
+    ids = torch.arange(100)
+    x, y = windows_at(ids, torch.tensor([0, 10, 90]), 8)
+    assert x.shape == y.shape == (3, 8)
+    assert torch.equal(x[1], torch.arange(10, 18)) and torch.equal(y[1], torch.arange(11, 19))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = random_windows(ids, 4, 8, g1)
+    starts = torch.randint(0, 100 - 8, (4,), generator=g2)
+    assert torch.equal(a, ids[starts[:, None] + torch.arange(8)])
+    assert torch.equal(b, a + 1)

@@ -49,10 +49,10 @@ def _mscale(f, m):
 
 
 CASES = [
-    (ex.check_kv_bytes_per_token, lambda h, d, s, n: 2 * h * d * s * n,
-     lambda h, d, s, n: h * d * s * n, "AND values"),
-    (ex.check_latent_cache_bytes, lambda r, dr, s, n: (r + dr) * s * n,
-     lambda r, dr, s, n: r * s * n, "rotary key"),
+    (ex.check_kv_bytes_per_token, lambda n, h, d, s: 2 * n * h * d * s,
+     lambda n, h, d, s: n * h * d * s, "AND values"),
+    (ex.check_latent_cache_bytes, lambda n, r, dr, s: n * (r + dr) * s,
+     lambda n, r, dr, s: n * r * s, "rotary key"),
     (ex.check_absorbed_query, lambda q, w: q @ w,
      lambda q, w: torch.einsum("htd,gdr->htr", q, w), "summed over heads"),
     (ex.check_absorbed_output, lambda c, w: c @ w.transpose(-1, -2),

@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 
-from course_utils.cache import KVCache
+from course_utils.cache import KVCache, kv_cache_bytes
 from course_utils.mla import (
     REAL_CONFIGS,
     LatentCache,
     MLAConfig,
     MultiHeadLatentAttention,
     cache_size_table,
-    kv_cache_bytes_per_token,
-    latent_cache_bytes_per_token,
+    latent_cache_bytes,
     rope_rows_to_half_split,
 )
 
@@ -167,9 +166,13 @@ def test_cache_bytes_per_token(dtype, size):
     caches = [m.new_cache(2, 10, dtype=dtype) for _ in range(layers)]
     measured = sum(c.bytes_per_token for c in caches)
     assert measured == (8 + 4) * size * layers
-    assert latent_cache_bytes_per_token(8, 4, size, layers) == measured
+    assert latent_cache_bytes(layers, 8, 4, bytes_per_element=size) == measured
+    assert latent_cache_bytes(layers, 8, 4, seq_len=10, batch_size=2,
+                              bytes_per_element=size) == measured * 20
     kv = KVCache(2, 10, n_kv_heads=4, head_dim=6, dtype=dtype)
-    assert kv_cache_bytes_per_token(4, 6, size) == kv.bytes_per_token == 2 * 4 * 6 * size
+    assert kv_cache_bytes(1, 4, 6, bytes_per_element=size) == kv.bytes_per_token == 2 * 4 * 6 * size
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        latent_cache_bytes(1, 0, 4)
 
 
 def test_real_config_table():

@@ -370,11 +370,11 @@ def test_topk_router_noise_only_in_training():
         moe.TopKRouter(8, 4, 5)
 
 
-def test_count_parameters():
+def test_total_and_active_parameters():
     c = MoEConfig(hidden_size=10, moe_intermediate_size=4, n_routed_experts=8,
                   num_experts_per_tok=2, n_shared_experts=1)
     layer = DeepSeekMoE(c)
-    total, active = moe.count_parameters(layer)
+    total, active = moe.total_and_active_parameters(layer)
     assert total == sum(p.numel() for p in layer.parameters())
     assert active == 80 + 120 + 2 * 120
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbtool import SETUP_CELL, header, script_to_notebook
-from notebook_checks import NotebookFailed, execute_notebook, hygiene_problems
+from notebook_checks import (
+    HarnessError,
+    NotebookFailed,
+    NotebookTimedOut,
+    execute_notebook,
+    hygiene_problems,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD_BODY = """
 # %% tags=["parameters"]
@@ -106,3 +116,37 @@ def test_script_round_trip(good: Path):
     again = script_to_notebook(notebook_to_script(nb))
     assert [c.source for c in again.cells] == [c.source for c in nb.cells]
     assert again.cells[2].metadata["tags"] == ["parameters"]
+
+
+def test_a_stuck_notebook_is_stopped_at_its_budget(tmp_path: Path):
+    body = GOOD_BODY + "\n# %%\nimport time\ntime.sleep(600)\n"
+    path = _write(tmp_path, "99_stuck.ipynb", header("99_stuck", "Stuck") + body)
+    start = time.perf_counter()
+    with pytest.raises(NotebookTimedOut, match=r"stopped at its 8 s budget.*code cell 4"):
+        execute_notebook(path, tmp_path / "out.ipynb", timeout_s=8)
+    assert time.perf_counter() - start < 8 + 20  # the budget, plus starting and stopping a kernel
+
+
+def test_the_budget_covers_the_whole_notebook_not_each_cell(tmp_path: Path):
+    # no cell is slow, but together they run past the budget: a per-cell timeout would pass this
+    body = GOOD_BODY + "".join("\n# %%\nimport time\ntime.sleep(2)\n" for _ in range(10))
+    path = _write(tmp_path, "99_slow.ipynb", header("99_slow", "Slow") + body)
+    with pytest.raises(NotebookTimedOut, match="budget"):
+        execute_notebook(path, tmp_path / "out.ipynb", timeout_s=8)
+
+
+def test_a_harness_fault_is_not_reported_as_a_notebook_failure(good: Path, tmp_path: Path):
+    with pytest.raises(HarnessError, match="not an error in the notebook") as info:
+        execute_notebook(good, tmp_path / "out.ipynb", timeout_s=60, cwd=tmp_path / "missing")
+    assert not isinstance(info.value, NotebookFailed)
+
+
+def test_make_execute_refuses_a_pattern_that_matches_nothing(tmp_path: Path):
+    timings = ROOT / "notebooks" / "timings.json"
+    before = timings.read_bytes() if timings.exists() else None
+    done = subprocess.run(["make", "-s", "execute", "NB=notebooks/07_kv_cahce*.ipynb"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "no such notebook: notebooks/07_kv_cahce*.ipynb" in done.stderr
+    assert "nothing was executed" in done.stderr
+    assert (timings.read_bytes() if timings.exists() else None) == before

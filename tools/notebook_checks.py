@@ -7,6 +7,7 @@ Run from the command line to refresh committed outputs in place (``make execute`
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -29,7 +30,8 @@ _NOTEBOOK_IMPORT = re.compile(
     r"^\s*(?:from|import)\s+(?:notebooks\b|_?\d\d_\w+)|%run\b|import_ipynb|ipynb\.fs",
     re.MULTILINE,
 )
-# Papermill and nbclient write these into cell metadata; they change on every run.
+# Papermill (which earlier runs used) and nbclient write these into cell metadata; they change
+# on every run.
 _VOLATILE_CELL_METADATA = ("papermill", "execution")
 
 
@@ -91,48 +93,91 @@ def hygiene_problems(path: Path, require_outputs: bool = True) -> list[str]:
     return problems
 
 
-def _describe_failure(path: Path, err: Exception) -> str:
-    cell = getattr(err, "exec_count", None)
-    ename = getattr(err, "ename", type(err).__name__)
-    evalue = getattr(err, "evalue", str(err))
-    source = ""
-    nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
-    if isinstance(cell, int) and 1 <= cell <= len(code):
-        first = code[cell - 1].source.strip().split("\n")[:3]
-        source = "\n    " + "\n    ".join(first)
-    where = f"code cell {cell}" if cell is not None else "an unknown cell"
-    return f"{path.name}: {where} failed with {ename}: {evalue}{source}"
+class NotebookTimedOut(NotebookFailed):
+    """A notebook ran past its budget and was stopped there."""
+
+
+class HarnessError(RuntimeError):
+    """The machinery around a notebook failed (kernel start, I/O), not the notebook's code."""
+
+
+def _first_lines(source: str | None) -> str:
+    if not source:
+        return ""
+    return "\n    " + "\n    ".join(source.strip().split("\n")[:3])
 
 
 def execute_notebook(path: Path, output: Path, timeout_s: int = 600,
                      cwd: Path | None = None) -> float:
     """Run ``path`` top to bottom in a fresh ``python3`` kernel (this interpreter's), working
     directory ``cwd`` (default: the notebook's folder, ``notebooks/``); write the executed copy
-    to ``output``. Returns seconds taken.
+    to ``output`` (also when it fails, with the outputs so far). Returns seconds taken.
 
-    A failing cell raises :class:`NotebookFailed` naming the notebook and the cell; a cell that
-    runs longer than ``timeout_s`` fails the same way.
+    ``timeout_s`` is the budget of the *whole notebook*, enforced while it runs: each cell may
+    use only what the cells before it left, and the kernel is stopped when the budget is spent
+    (:class:`NotebookTimedOut`). A cell that raises, or a kernel that dies, raises
+    :class:`NotebookFailed` naming the notebook and the cell ("code cell N" counts the
+    non-empty code cells from 1, as their execution counts do). Anything else that goes wrong
+    is the harness's fault, not the notebook's: :class:`HarnessError`, with the cause chained.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     path, output = Path(path), Path(output)
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+
+    class BudgetClient(NotebookClient):
+        """nbclient's runner, with one deadline for all cells instead of one per cell."""
+
+        deadline = 0.0
+        number = 0
+        cell = None
+
+        async def async_execute_cell(self, cell, cell_index, execution_count=None,
+                                     store_history=True):
+            if cell.cell_type == "code" and cell.source.strip():
+                self.number, self.cell = self.number + 1, cell
+                left = self.deadline - time.perf_counter()
+                if left <= 0:
+                    raise CellTimeoutError(f"no time left before code cell {self.number}")
+                self.timeout = max(1, math.ceil(left))
+            return await super().async_execute_cell(cell, cell_index, execution_count,
+                                                    store_history)
+
+    nb = nbformat.read(path, as_version=4)
+    client = BudgetClient(nb, timeout=timeout_s, kernel_name=KERNEL_NAME,
+                          resources={"metadata": {"path": str(cwd or path.parent)}})
     start = time.perf_counter()
+    client.deadline = start + timeout_s
+
+    def shown() -> str:  # the first lines of the cell that was running
+        return _first_lines(getattr(client.cell, "source", None))
+
     try:
-        papermill.execute_notebook(
-            str(path), str(output), kernel_name=KERNEL_NAME, cwd=str(cwd or path.parent),
-            progress_bar=False, execution_timeout=timeout_s, log_output=False,
-        )
-    except PapermillExecutionError as err:
-        raise NotebookFailed(_describe_failure(path, err)) from None
-    except Exception as err:  # a timeout or a dead kernel
-        raise NotebookFailed(f"{path.name}: {type(err).__name__}: {err}") from None
+        client.execute()
+    except CellTimeoutError:
+        spent = time.perf_counter() - start
+        raise NotebookTimedOut(
+            f"{path.name}: stopped at its {timeout_s} s budget ({spent:.0f} s spent), in code "
+            f"cell {client.number}{shown()}") from None
+    except CellExecutionError as err:
+        ename, evalue = getattr(err, "ename", "Error"), getattr(err, "evalue", str(err))
+        raise NotebookFailed(f"{path.name}: code cell {client.number} failed with {ename}: "
+                             f"{evalue}{shown()}") from None
+    except DeadKernelError as err:
+        raise NotebookFailed(f"{path.name}: the kernel died in code cell {client.number} ({err})"
+                             f"{shown()}") from None
+    except Exception as err:
+        raise HarnessError(f"{path.name}: the notebook harness failed ({type(err).__name__}: "
+                           f"{err}); this is not an error in the notebook") from err
+    finally:
+        nbformat.write(nb, output)
     return time.perf_counter() - start
 
 
 def strip_volatile_metadata(path: Path) -> None:
-    """Remove papermill's per-run metadata so a re-execution changes only outputs."""
+    """Remove per-run metadata so a re-execution changes only outputs."""
     nb = nbformat.read(path, as_version=4)
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:
@@ -180,6 +225,10 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] != "execute":
         sys.exit(__doc__)
     paths = [Path(p) for p in argv[1:]] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    missing = [str(p) for p in paths if not p.is_file() or p.suffix != ".ipynb"]
+    if missing:
+        sys.exit(f"no such notebook: {' '.join(missing)}; nothing was executed (NB= takes paths "
+                 "or a pattern such as notebooks/07_*.ipynb)")
     for path in paths:
         seconds = execute_notebook(path, path, timeout_s=1800)
         strip_volatile_metadata(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..config import DeepSeekConfig
-from ..mla import latent_cache_bytes_per_token
+from ..mla import latent_cache_bytes
 from ..model import DeepSeekForCausalLM
 from ._feedback import Feedback, call_learner
 
@@ -95,8 +95,8 @@ def check_model_cache_bytes(fn: Callable[[DeepSeekConfig, int], int] | None) -> 
             if fb is not None:
                 return fb
             c = config
-            want = latent_cache_bytes_per_token(c.kv_lora_rank, c.qk_rope_head_dim, dtype_bytes,
-                                                c.num_hidden_layers)
+            want = latent_cache_bytes(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim,
+                                      bytes_per_element=dtype_bytes)
             if got == want:
                 continue
             if not isinstance(got, (int, float)):

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..mla import kv_cache_bytes_per_token, latent_cache_bytes_per_token
+from ..cache import kv_cache_bytes
+from ..mla import latent_cache_bytes
 from ..positional import (
     apply_rope,
     binary_encoding,
@@ -45,43 +46,48 @@ def _number(got: object, what: str) -> tuple[float | None, Feedback | None]:
 
 
 def check_kv_bytes_per_token(fn: Callable[[int, int, int, int], float] | None) -> Feedback:
-    """Exercise 10.1: ``fn(n_kv_heads, head_dim, dtype_bytes, num_layers)`` -> bytes per token
-    an MHA/GQA/MQA cache holds over all layers."""
-    hint = "write kv_cache_bytes(n_kv_heads, head_dim, dtype_bytes, num_layers)"
-    for args in ((8, 128, 2, 80), (128, 128, 2, 61), (1, 64, 4, 3)):
+    """Exercise 10.1: ``fn(num_layers, n_kv_heads, head_dim, bytes_per_element)`` -> bytes per
+    token an MHA/GQA/MQA cache holds over all layers (the argument order of
+    :func:`course_utils.cache.kv_cache_bytes`)."""
+    hint = "write kv_bytes_per_token(num_layers, n_kv_heads, head_dim, bytes_per_element)"
+    for args in ((80, 8, 128, 2), (61, 128, 128, 2), (3, 1, 64, 4)):
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "kv_cache_bytes")
+        got, fb = _number(got, "kv_bytes_per_token")
         if fb is not None:
             return fb
-        want = kv_cache_bytes_per_token(*args)
+        layers, heads, head_dim, size = args
+        want = kv_cache_bytes(layers, heads, head_dim, bytes_per_element=size)
         if got == want:
             continue
         if got == want / 2:
             return Feedback(False, "the cache holds keys AND values: count both (a factor 2)")
-        if got == want / args[3]:
+        if got == want / layers:
             return Feedback(False, "that is one layer; every layer keeps its own cache, so "
                                    "multiply by num_layers")
-        if got == want / args[2]:
-            return Feedback(False, "that counts numbers, not bytes: multiply by dtype_bytes")
+        if got == want / size:
+            return Feedback(False, "that counts numbers, not bytes: multiply by "
+                                   "bytes_per_element")
         return Feedback(False, f"for {args} the answer is {want:,} bytes, you gave {got:,.0f}")
-    return Feedback(True, "2 (K and V) x n_kv_heads x head_dim x dtype_bytes x num_layers")
+    return Feedback(True, "2 (K and V) x num_layers x n_kv_heads x head_dim x bytes_per_element")
 
 
 def check_latent_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -> Feedback:
-    """Exercise 10.2: ``fn(kv_lora_rank, qk_rope_head_dim, dtype_bytes, num_layers)`` -> bytes
-    per token of MLA's cache over all layers."""
-    hint = "write latent_cache_bytes(kv_lora_rank, qk_rope_head_dim, dtype_bytes, num_layers)"
-    for args in ((512, 64, 2, 61), (512, 64, 2, 60), (32, 8, 4, 3)):
+    """Exercise 10.2: ``fn(num_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_element)`` ->
+    bytes per token of MLA's cache over all layers (the argument order of
+    :func:`course_utils.mla.latent_cache_bytes`)."""
+    hint = ("write latent_bytes_per_token(num_layers, kv_lora_rank, qk_rope_head_dim, "
+            "bytes_per_element)")
+    for args in ((61, 512, 64, 2), (60, 512, 64, 2), (3, 32, 8, 4)):
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "latent_cache_bytes")
+        got, fb = _number(got, "latent_bytes_per_token")
         if fb is not None:
             return fb
-        want = latent_cache_bytes_per_token(*args)
-        r, dr, size, layers = args
+        layers, r, dr, size = args
+        want = latent_cache_bytes(layers, r, dr, bytes_per_element=size)
         if got == want:
             continue
         if got == r * size * layers:
@@ -93,8 +99,8 @@ def check_latent_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -
         if got == want / layers:
             return Feedback(False, "that is one layer: multiply by num_layers")
         return Feedback(False, f"for {args} the answer is {want:,} bytes, you gave {got:,.0f}")
-    return Feedback(True, "(kv_lora_rank + qk_rope_head_dim) x dtype_bytes x num_layers: 576 "
-                          "numbers per token per layer in DeepSeek-V3")
+    return Feedback(True, "num_layers x (kv_lora_rank + qk_rope_head_dim) x bytes_per_element: "
+                          "576 numbers per token per layer in DeepSeek-V3")
 
 
 # -- 11 MLA in code -------------------------------------------------------------------------
