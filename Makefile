@@ -31,6 +31,7 @@ lab: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: setup
 	$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS)
@@ -40,6 +41,7 @@ notebooks: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Re-run notebooks in place (NB=notebooks/01_*.ipynb for one) to refresh committed outputs.

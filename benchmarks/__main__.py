@@ -26,10 +26,13 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="only these benchmark modules")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# make bench: torch {torch.__version__}, {platform.machine()}, "
-          f"threads={torch.get_num_threads()}, device=cpu")
-    modules = sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__)
-                     if m.name.startswith("bench_"))
+    print(
+        f"# make bench: torch {torch.__version__}, {platform.machine()}, "
+        f"threads={torch.get_num_threads()}, device=cpu"
+    )
+    modules = sorted(
+        m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name.startswith("bench_")
+    )
     if args.names:
         modules = [m for m in modules if m.removeprefix("bench_") in args.names or m in args.names]
     if not modules:

@@ -15,9 +15,14 @@ from course_utils.decoder import DecoderConfig, TinyDecoder
 
 def _model(n_kv_heads: int = 8) -> TinyDecoder:
     torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=512, hidden_size=256, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=n_kv_heads,
-                        max_position_embeddings=1100)
+    cfg = DecoderConfig(
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=1100,
+    )
     return TinyDecoder(cfg).eval()
 
 
@@ -50,12 +55,22 @@ def run(quick: bool = False) -> list[dict]:
         cached = _decode_step_seconds(model, context, True, steps)
         full = _decode_step_seconds(model, context, False, steps)
         rows += [
-            {"what": f"decode ms/token, context {context}, KV cache", "value": cached * 1e3,
-             "unit": "ms"},
-            {"what": f"decode ms/token, context {context}, no cache", "value": full * 1e3,
-             "unit": "ms"},
-            {"what": f"cache speedup at context {context}", "value": full / cached, "unit": "x",
-             "note": "no-cache time / cache time"},
+            {
+                "what": f"decode ms/token, context {context}, KV cache",
+                "value": cached * 1e3,
+                "unit": "ms",
+            },
+            {
+                "what": f"decode ms/token, context {context}, no cache",
+                "value": full * 1e3,
+                "unit": "ms",
+            },
+            {
+                "what": f"cache speedup at context {context}",
+                "value": full / cached,
+                "unit": "x",
+                "note": "no-cache time / cache time",
+            },
         ]
     batch, context = 8, 1024
     base = None
@@ -66,10 +81,17 @@ def run(quick: bool = False) -> list[dict]:
         cache_bytes = m.new_caches(1, 1)[0].bytes_per_token * len(m.layers)
         base = base or (tps, cache_bytes)
         rows += [
-            {"what": f"{name} ({kv} KV heads) decode tokens/s, batch 8, context 1024",
-             "value": tps, "unit": "tok/s"},
+            {
+                "what": f"{name} ({kv} KV heads) decode tokens/s, batch 8, context 1024",
+                "value": tps,
+                "unit": "tok/s",
+            },
             {"what": f"{name} tokens/s relative to MHA", "value": tps / base[0], "unit": "x"},
-            {"what": f"{name} cache bytes/token (all layers, fp32)", "value": cache_bytes,
-             "unit": "B", "note": f"{base[1] / cache_bytes:.0f}x smaller than MHA"},
+            {
+                "what": f"{name} cache bytes/token (all layers, fp32)",
+                "value": cache_bytes,
+                "unit": "B",
+                "note": f"{base[1] / cache_bytes:.0f}x smaller than MHA",
+            },
         ]
     return rows

@@ -32,10 +32,10 @@ def _attention_rows(quick: bool) -> list[dict]:
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
         impls = {
             "naive": lambda q=q, k=k, v=v: kernels.naive_attention(q, k, v, causal=True),
-            "SDPA": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v,
-                                                                          is_causal=True),
+            "SDPA": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "tiled": lambda q=q, k=k, v=v: kernels.tiled_attention(
-                q, k, v, causal=True, block_q=BLOCK, block_k=BLOCK),
+                q, k, v, causal=True, block_q=BLOCK, block_k=BLOCK
+            ),
         }
         ref = impls["SDPA"]()
         assert torch.allclose(impls["tiled"](), ref, atol=1e-5)
@@ -46,19 +46,47 @@ def _attention_rows(quick: bool) -> list[dict]:
                 times[name].append(kernels.median_seconds(fn, repeats=1, warmup=0))
         ms = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
         for name in impls:
-            rows.append({"what": f"attention {name}, {n} tokens", "value": ms[name],
-                         "unit": "ms", "note": f"median of {repeats}, causal, {HEADS}x{HEAD_DIM}"})
-        rows.append({"what": f"attention tiled / SDPA time, {n} tokens",
-                     "value": ms["tiled"] / ms["SDPA"], "unit": "x",
-                     "note": "Python loop over tiles vs one fused kernel"})
-        rows.append({"what": f"attention naive / SDPA time, {n} tokens",
-                     "value": ms["naive"] / ms["SDPA"], "unit": "x"})
+            rows.append(
+                {
+                    "what": f"attention {name}, {n} tokens",
+                    "value": ms[name],
+                    "unit": "ms",
+                    "note": f"median of {repeats}, causal, {HEADS}x{HEAD_DIM}",
+                }
+            )
+        rows.append(
+            {
+                "what": f"attention tiled / SDPA time, {n} tokens",
+                "value": ms["tiled"] / ms["SDPA"],
+                "unit": "x",
+                "note": "Python loop over tiles vs one fused kernel",
+            }
+        )
+        rows.append(
+            {
+                "what": f"attention naive / SDPA time, {n} tokens",
+                "value": ms["naive"] / ms["SDPA"],
+                "unit": "x",
+            }
+        )
         _, naive_bytes = kernels.largest_intermediate_bytes(impls["naive"])
         _, tiled_bytes = kernels.largest_intermediate_bytes(impls["tiled"])
-        rows.append({"what": f"largest intermediate, naive, {n} tokens",
-                     "value": naive_bytes / 2**20, "unit": "MiB", "note": "measured"})
-        rows.append({"what": f"largest intermediate, tiled, {n} tokens",
-                     "value": tiled_bytes / 2**20, "unit": "MiB", "note": "measured"})
+        rows.append(
+            {
+                "what": f"largest intermediate, naive, {n} tokens",
+                "value": naive_bytes / 2**20,
+                "unit": "MiB",
+                "note": "measured",
+            }
+        )
+        rows.append(
+            {
+                "what": f"largest intermediate, tiled, {n} tokens",
+                "value": tiled_bytes / 2**20,
+                "unit": "MiB",
+                "note": "measured",
+            }
+        )
     return rows
 
 
@@ -72,25 +100,39 @@ def _machine_rows(quick: bool) -> list[dict]:
         {"what": "memory bandwidth, copy 64 MiB", "value": copy / 1e9, "unit": "GB/s"},
         {"what": "memory bandwidth, add 64 MiB", "value": add / 1e9, "unit": "GB/s"},
         {"what": f"matmul rate, {n}x{n} float32", "value": flops / 1e9, "unit": "GFLOP/s"},
-        {"what": "ridge point (matmul rate / copy bandwidth)",
-         "value": kernels.ridge_point(flops, copy), "unit": "FLOPs/byte"},
+        {
+            "what": "ridge point (matmul rate / copy bandwidth)",
+            "value": kernels.ridge_point(flops, copy),
+            "unit": "FLOPs/byte",
+        },
     ]
 
 
 def _compile_rows(quick: bool) -> list[dict]:
     available = kernels.torch_compile_available("cpu")
     if not available:
-        return [{"what": "torch.compile vs eager", "value": math.nan, "unit": "",
-                 "note": str(available)}]
+        return [
+            {
+                "what": "torch.compile vs eager",
+                "value": math.nan,
+                "unit": "",
+                "note": str(available),
+            }
+        ]
     rows = []
     repeats = 3 if quick else 10
     torch.manual_seed(0)
     cases = {
-        "RMSNorm": (RMSNorm(1024), torch.randn(2048 if quick else 8192, 1024),
-                    "memory-bound chain, fully fused"),
-        "RMSNorm+SwiGLU": (kernels.NormSwiGLUBlock(256, 512),
-                           torch.randn(1024 if quick else 4096, 256),
-                           "elementwise steps fused; the 3 matmuls unchanged"),
+        "RMSNorm": (
+            RMSNorm(1024),
+            torch.randn(2048 if quick else 8192, 1024),
+            "memory-bound chain, fully fused",
+        ),
+        "RMSNorm+SwiGLU": (
+            kernels.NormSwiGLUBlock(256, 512),
+            torch.randn(1024 if quick else 4096, 256),
+            "elementwise steps fused; the 3 matmuls unchanged",
+        ),
     }
     with torch.no_grad():
         for name, (module, x, note) in cases.items():
@@ -104,8 +146,14 @@ def _compile_rows(quick: bool) -> list[dict]:
             shape = "x".join(map(str, x.shape))
             rows.append({"what": f"{name} eager, {shape}", "value": e * 1e3, "unit": "ms"})
             rows.append({"what": f"{name} compiled, {shape}", "value": c * 1e3, "unit": "ms"})
-            rows.append({"what": f"{name} speed-up from torch.compile", "value": e / c,
-                         "unit": "x", "note": note})
+            rows.append(
+                {
+                    "what": f"{name} speed-up from torch.compile",
+                    "value": e / c,
+                    "unit": "x",
+                    "note": note,
+                }
+            )
     return rows
 
 

@@ -48,8 +48,13 @@ def _flops_per_token(model: DeepSeekForCausalLM) -> float:
     n_matmul = model.num_active_parameters(include_embeddings=False)
     if c.tie_word_embeddings:  # the tied head still multiplies
         n_matmul += c.vocab_size * c.hidden_size
-    attention = 6 * c.num_hidden_layers * c.num_attention_heads * (
-        c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * SEQ
+    attention = (
+        6
+        * c.num_hidden_layers
+        * c.num_attention_heads
+        * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+        * SEQ
+    )
     return 6 * n_matmul + attention
 
 
@@ -63,6 +68,7 @@ def _train_step_fn(model: DeepSeekForCausalLM, batch: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -80,8 +86,10 @@ def run(quick: bool) -> list[dict]:
     new_tokens = 32 if quick else 128
     torch.manual_seed(0)
     moe_cfg = DeepSeekConfig.preset("cpu", vocab_size=VOCAB)
-    models = {"mini-DeepSeek (MoE)": DeepSeekForCausalLM(moe_cfg).train(),
-              "dense baseline": DeepSeekForCausalLM(moe_cfg.dense_baseline()).train()}
+    models = {
+        "mini-DeepSeek (MoE)": DeepSeekForCausalLM(moe_cfg).train(),
+        "dense baseline": DeepSeekForCausalLM(moe_cfg.dense_baseline()).train(),
+    }
     step_fns = {name: _train_step_fn(m, batch) for name, m in models.items()}
     for fn in step_fns.values():  # warm-up
         fn()
@@ -93,26 +101,50 @@ def run(quick: bool) -> list[dict]:
             times[name].append(time.perf_counter() - start)
     gflops = _matmul_gflops(1024, 5 if quick else 20)
 
-    rows: list[dict] = [{"what": "torch threads", "value": threads, "unit": "",
-                         "note": "set with python -m benchmarks --threads N"}]
+    rows: list[dict] = [
+        {
+            "what": "torch threads",
+            "value": threads,
+            "unit": "",
+            "note": "set with python -m benchmarks --threads N",
+        }
+    ]
     tok_s = {}
     for name, model in models.items():
         tok_s[name] = batch * SEQ / statistics.median(times[name])
-        rows.append({"what": f"training, {name}", "value": tok_s[name], "unit": "tok/s",
-                     "note": f"{model.num_parameters() / 1e3:.0f}K params, "
-                             f"{model.num_active_parameters() / 1e3:.0f}K active; "
-                             f"batch {batch}x{SEQ}"})
+        rows.append(
+            {
+                "what": f"training, {name}",
+                "value": tok_s[name],
+                "unit": "tok/s",
+                "note": f"{model.num_parameters() / 1e3:.0f}K params, "
+                f"{model.num_active_parameters() / 1e3:.0f}K active; "
+                f"batch {batch}x{SEQ}",
+            }
+        )
     moe_name, dense_name = list(models)
-    rows.append({"what": "training speed ratio, MoE / dense (equal active params)",
-                 "value": tok_s[moe_name] / tok_s[dense_name], "unit": "x",
-                 "note": "1.0 would mean sparsity costs nothing"})
+    rows.append(
+        {
+            "what": "training speed ratio, MoE / dense (equal active params)",
+            "value": tok_s[moe_name] / tok_s[dense_name],
+            "unit": "x",
+            "note": "1.0 would mean sparsity costs nothing",
+        }
+    )
 
-    rows.append({"what": "fp32 matmul rate, torch.mm 1024x1024", "value": gflops,
-                 "unit": "GFLOP/s"})
+    rows.append(
+        {"what": "fp32 matmul rate, torch.mm 1024x1024", "value": gflops, "unit": "GFLOP/s"}
+    )
     for name, model in models.items():
         achieved = _flops_per_token(model) * tok_s[name] / 1e9
-        rows.append({"what": f"MFU of training, {name}", "value": 100 * achieved / gflops,
-                     "unit": "%", "note": f"{achieved:.1f} GFLOP/s achieved"})
+        rows.append(
+            {
+                "what": f"MFU of training, {name}",
+                "value": 100 * achieved / gflops,
+                "unit": "%",
+                "note": f"{achieved:.1f} GFLOP/s achieved",
+            }
+        )
 
     model = models[moe_name].eval()
     decode = {True: [], False: []}
@@ -124,10 +156,17 @@ def run(quick: bool) -> list[dict]:
     cached = new_tokens / statistics.median(decode[True])
     uncached = new_tokens / statistics.median(decode[False])
     rows += [
-        {"what": "decode, latent MLA cache", "value": cached, "unit": "tok/s",
-         "note": f"batch 1, prompt 16, {new_tokens} new tokens"},
-        {"what": "decode, no cache (re-run the whole sequence)", "value": uncached,
-         "unit": "tok/s"},
+        {
+            "what": "decode, latent MLA cache",
+            "value": cached,
+            "unit": "tok/s",
+            "note": f"batch 1, prompt 16, {new_tokens} new tokens",
+        },
+        {
+            "what": "decode, no cache (re-run the whole sequence)",
+            "value": uncached,
+            "unit": "tok/s",
+        },
         {"what": "decode speed-up from the cache", "value": cached / uncached, "unit": "x"},
     ]
     rows.append(_pretraining_row(quick))
@@ -147,7 +186,10 @@ def _pretraining_row(quick: bool) -> dict:
     start = time.perf_counter()
     run.train(n, progress=False)
     seconds = (time.perf_counter() - start) / n
-    return {"what": "pretraining step as notebook 21 runs it (MTP, padded lines)",
-            "value": 1e3 * seconds, "unit": "ms/step",
-            "note": f"batch {config.batch_size}; x {config.steps} steps = "
-                    f"{seconds * config.steps:.0f} s, evaluations left out"}
+    return {
+        "what": "pretraining step as notebook 21 runs it (MTP, padded lines)",
+        "value": 1e3 * seconds,
+        "unit": "ms/step",
+        "note": f"batch {config.batch_size}; x {config.steps} steps = "
+        f"{seconds * config.steps:.0f} s, evaluations left out",
+    }

@@ -27,11 +27,13 @@ def run(quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     task = ArithmeticTask()
     steps, n_prompts, repeats = (60, 8, 2) if quick else (600, 20, 5)
-    model = DeepSeekForCausalLM(DeepSeekConfig.preset("cpu", vocab_size=task.vocab_size,
-                                                      num_nextn_predict_layers=1))
+    model = DeepSeekForCausalLM(
+        DeepSeekConfig.preset("cpu", vocab_size=task.vocab_size, num_nextn_predict_layers=1)
+    )
     corpus = task.training_tokens(20000, seed=0, worked_fraction=1.0)
-    batches = task.lm_batches(corpus, 32, prompt_loss=False,
-                              generator=torch.Generator().manual_seed(1))
+    batches = task.lm_batches(
+        corpus, 32, prompt_loss=False, generator=torch.Generator().manual_seed(1)
+    )
     train_language_model(model, batches, steps, compute_loss=mtp_loss_fn(0.3), progress=False)
     model.eval()
     problems = task.problems(n_prompts, seed=11, split="test")
@@ -53,8 +55,7 @@ def run(quick: bool = False) -> list[dict]:
         return out
 
     with torch.no_grad():
-        same = all(torch.equal(a, b) for a, b in zip(greedy_all(), speculative_all(),
-                                                      strict=True))
+        same = all(torch.equal(a, b) for a, b in zip(greedy_all(), speculative_all(), strict=True))
         if not same:
             raise AssertionError("speculative decoding must return greedy decoding's tokens")
         t_greedy = median_seconds(greedy_all, repeats)
@@ -65,14 +66,29 @@ def run(quick: bool = False) -> list[dict]:
     accuracy = evaluate_accuracy(model, problems, task=task).accuracy
     threads = torch.get_num_threads()
     return [
-        {"what": f"trunk: greedy accuracy after {steps} steps", "value": accuracy,
-         "unit": "fraction", "note": f"{n_prompts} held-out prompts, batch 1, threads={threads}"},
+        {
+            "what": f"trunk: greedy accuracy after {steps} steps",
+            "value": accuracy,
+            "unit": "fraction",
+            "note": f"{n_prompts} held-out prompts, batch 1, threads={threads}",
+        },
         {"what": "MTP draft acceptance", "value": accepted / max(drafts, 1), "unit": "fraction"},
-        {"what": "tokens per main-model forward (speculative)", "value": new / forwards,
-         "unit": "tok/fwd", "note": "greedy decoding: 1"},
+        {
+            "what": "tokens per main-model forward (speculative)",
+            "value": new / forwards,
+            "unit": "tok/fwd",
+            "note": "greedy decoding: 1",
+        },
         {"what": "greedy decoding, KV cache", "value": 1e3 * t_greedy / new, "unit": "ms/token"},
-        {"what": "speculative decoding, draft included", "value": 1e3 * t_spec / new,
-         "unit": "ms/token"},
-        {"what": "speed-up of speculative over greedy", "value": t_greedy / t_spec, "unit": "x",
-         "note": "below 1: the draft and the loop cost more than the passes saved"},
+        {
+            "what": "speculative decoding, draft included",
+            "value": 1e3 * t_spec / new,
+            "unit": "ms/token",
+        },
+        {
+            "what": "speed-up of speculative over greedy",
+            "value": t_greedy / t_spec,
+            "unit": "x",
+            "note": "below 1: the draft and the loop cost more than the passes saved",
+        },
     ]

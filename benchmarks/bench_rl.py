@@ -38,39 +38,64 @@ def run(quick: bool = False) -> list[dict]:
     threads = torch.get_num_threads()
 
     t_sample = median_seconds(
-        lambda: sample_groups(model, prompts, config.group_size, max_new, 1.0, None, g), repeats)
+        lambda: sample_groups(model, prompts, config.group_size, max_new, 1.0, None, g), repeats
+    )
     repeated = prompts.repeat_interleave(config.group_size, 0)
     t_nocache = median_seconds(
-        lambda: generate(model, repeated, max_new, temperature=1.0, use_cache=False,
-                         generator=g), max(1, repeats // 2))
+        lambda: generate(model, repeated, max_new, temperature=1.0, use_cache=False, generator=g),
+        max(1, repeats // 2),
+    )
     optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.99))
     t_step = median_seconds(
-        lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats)
+        lambda: grpo_step(model, optimizer, task, problems, config, generator=g), repeats
+    )
     critic = ValueModel(model)
     ppo_config = PPOConfig(prompts_per_step=rows, lr=1e-4)
     ppo_problems = task.problems(rows, seed=1)
     critic_opt = make_optimizer(critic, ppo_config.critic_lr, 0.0, betas=(0.9, 0.99))
     t_ppo = median_seconds(
-        lambda: ppo_step(model, critic, optimizer, critic_opt, task, ppo_problems, ppo_config,
-                         generator=g), repeats)
+        lambda: ppo_step(
+            model, critic, optimizer, critic_opt, task, ppo_problems, ppo_config, generator=g
+        ),
+        repeats,
+    )
     tokens = rows * max_new
     n_params = model.num_parameters()
     return [
-        {"what": f"GRPO step (16 prompts x 8 samples, mini-DeepSeek {n_params / 1e3:.0f}K)",
-         "value": 1 / t_step,
-         "unit": "steps/s", "note": f"{t_step * 1e3:.0f} ms/step, threads={threads}"},
-        {"what": "sampled tokens, KV cache", "value": tokens / t_sample, "unit": "tok/s",
-         "note": f"{rows} rows x {max_new} tokens"},
-        {"what": "sampled tokens, no cache (re-run the prefix)", "value": tokens / t_nocache,
-         "unit": "tok/s"},
-        {"what": "sampling speed-up from the KV cache", "value": t_nocache / t_sample,
-         "unit": "x"},
-        {"what": "share of a GRPO step spent sampling", "value": t_sample / t_step,
-         "unit": "fraction", "note": "the rest: rewards, forward + backward, update"},
-        {"what": "notebook 22's GRPO run (80 steps), projected", "value": 80 * t_step,
-         "unit": "s", "note": f"worst case (every completion {max_new} tokens), "
-                              f"threads={threads}"},
-        {"what": "PPO step / GRPO step, same 128 samples", "value": t_ppo / t_step,
-         "unit": "x", "note": "PPO adds the critic's forward and backward and an old-log-prob "
-                              "forward"},
+        {
+            "what": f"GRPO step (16 prompts x 8 samples, mini-DeepSeek {n_params / 1e3:.0f}K)",
+            "value": 1 / t_step,
+            "unit": "steps/s",
+            "note": f"{t_step * 1e3:.0f} ms/step, threads={threads}",
+        },
+        {
+            "what": "sampled tokens, KV cache",
+            "value": tokens / t_sample,
+            "unit": "tok/s",
+            "note": f"{rows} rows x {max_new} tokens",
+        },
+        {
+            "what": "sampled tokens, no cache (re-run the prefix)",
+            "value": tokens / t_nocache,
+            "unit": "tok/s",
+        },
+        {"what": "sampling speed-up from the KV cache", "value": t_nocache / t_sample, "unit": "x"},
+        {
+            "what": "share of a GRPO step spent sampling",
+            "value": t_sample / t_step,
+            "unit": "fraction",
+            "note": "the rest: rewards, forward + backward, update",
+        },
+        {
+            "what": "notebook 22's GRPO run (80 steps), projected",
+            "value": 80 * t_step,
+            "unit": "s",
+            "note": f"worst case (every completion {max_new} tokens), threads={threads}",
+        },
+        {
+            "what": "PPO step / GRPO step, same 128 samples",
+            "value": t_ppo / t_step,
+            "unit": "x",
+            "note": "PPO adds the critic's forward and backward and an old-log-prob forward",
+        },
     ]

@@ -70,8 +70,9 @@ class TokenCorpus:
     worked_fraction: float
 
     def to(self, device: torch.device | str) -> TokenCorpus:
-        return TokenCorpus(self.ids.to(device), self.line_starts.to(device), self.n_lines,
-                           self.worked_fraction)
+        return TokenCorpus(
+            self.ids.to(device), self.line_starts.to(device), self.n_lines, self.worked_fraction
+        )
 
 
 @dataclass(frozen=True)
@@ -91,19 +92,24 @@ class ArithmeticTask:
         # validates the sizes with the same messages as the data module
         sample_arithmetic_problems(1, 0, self.n_operands, self.n_digits, "all")
         if "\n" not in self.tokenizer.alphabet:
-            raise ValueError("tokenizer's alphabet has no newline, the end-of-answer token; "
-                             f"use CharTokenizer({ARITHMETIC_ALPHABET!r})")
+            raise ValueError(
+                "tokenizer's alphabet has no newline, the end-of-answer token; "
+                f"use CharTokenizer({ARITHMETIC_ALPHABET!r})"
+            )
 
     @classmethod
-    def for_problems(cls, problems: Sequence[ArithmeticProblem],
-                     tokenizer: CharTokenizer | None = None) -> ArithmeticTask:
+    def for_problems(
+        cls, problems: Sequence[ArithmeticProblem], tokenizer: CharTokenizer | None = None
+    ) -> ArithmeticTask:
         """The task the ``problems`` belong to (they must all have one size)."""
         if len(problems) == 0:
             raise ValueError("problems is empty; pass at least one ArithmeticProblem")
         sizes = {(len(p.operands), p.n_digits) for p in problems}
         if len(sizes) != 1:
-            raise ValueError(f"problems mix sizes (n_operands, n_digits) {sorted(sizes)}; "
-                             "evaluate each size separately so prompts share one length")
+            raise ValueError(
+                f"problems mix sizes (n_operands, n_digits) {sorted(sizes)}; "
+                "evaluate each size separately so prompts share one length"
+            )
         n_operands, n_digits = sizes.pop()
         return cls(n_operands, n_digits, tokenizer or CharTokenizer())
 
@@ -159,18 +165,21 @@ class ArithmeticTask:
         ids = lut[raw]
         if (ids < 0).any():
             bad = text[int(np.argmax(ids < 0))]
-            raise ValueError(f"character {bad!r} is not in the tokenizer's alphabet "
-                             f"{self.tokenizer.alphabet!r}")
+            raise ValueError(
+                f"character {bad!r} is not in the tokenizer's alphabet {self.tokenizer.alphabet!r}"
+            )
         return torch.from_numpy(ids)
 
-    def training_tokens(self, n_lines: int = 20000, seed: int = 0,
-                        worked_fraction: float = 0.3) -> TokenCorpus:
+    def training_tokens(
+        self, n_lines: int = 20000, seed: int = 0, worked_fraction: float = 0.3
+    ) -> TokenCorpus:
         """The pretraining stream: ``n_lines`` lines of the ``"train"`` split, a
         ``worked_fraction`` of them with worked steps. Build it once and sample batches from it
         (generating text every step costs as much as the model's own step at this size).
         Held-out problems never appear."""
-        text = make_arithmetic_corpus(n_lines, seed, self.n_operands, self.n_digits,
-                                      worked_fraction, "train")
+        text = make_arithmetic_corpus(
+            n_lines, seed, self.n_operands, self.n_digits, worked_fraction, "train"
+        )
         return self.corpus_from_text(text)
 
     def corpus_from_text(self, text: str) -> TokenCorpus:
@@ -218,19 +227,22 @@ class ArithmeticTask:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if batch_size > corpus.n_lines:
-            raise ValueError(f"batch_size={batch_size} is larger than the data ({corpus.n_lines} "
-                             "lines); build the corpus with more lines or use a smaller batch")
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the data ({corpus.n_lines} "
+                "lines); build the corpus with more lines or use a smaller batch"
+            )
         if layout not in ("windows", "lines"):
             raise ValueError(f"layout must be 'windows' or 'lines', got {layout!r}")
         if layout == "windows" and not prompt_loss:
             raise ValueError("prompt_loss=False needs layout='lines' (windows mask nothing)")
         if layout == "lines" and block_size is not None:
-            raise ValueError("block_size applies to layout='windows'; lines are padded to "
-                             "max_line_length (pass layout='windows' to set it)")
+            raise ValueError(
+                "block_size applies to layout='windows'; lines are padded to "
+                "max_line_length (pass layout='windows' to set it)"
+            )
         ids = corpus.ids.to(device) if device is not None else corpus.ids
         if layout == "lines":
-            rows, targets = self._padded_lines(ids, corpus.line_starts.to(ids.device),
-                                               prompt_loss)
+            rows, targets = self._padded_lines(ids, corpus.line_starts.to(ids.device), prompt_loss)
 
             def get_lines() -> tuple[Tensor, Tensor]:
                 pick = torch.randint(0, rows.shape[0], (batch_size,), generator=generator)
@@ -243,8 +255,10 @@ class ArithmeticTask:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         starts = corpus.line_starts[corpus.line_starts + block + 1 <= ids.numel()]
         if starts.numel() == 0:
-            raise ValueError(f"block_size={block} is longer than the corpus "
-                             f"({ids.numel()} tokens); build it with more lines")
+            raise ValueError(
+                f"block_size={block} is longer than the corpus "
+                f"({ids.numel()} tokens); build it with more lines"
+            )
         starts = starts.to(ids.device)
 
         def get_windows() -> tuple[Tensor, Tensor]:
@@ -253,8 +267,12 @@ class ArithmeticTask:
 
         return get_windows
 
-    def line_tensors(self, corpus: TokenCorpus, prompt_loss: bool = False,
-                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    def line_tensors(
+        self,
+        corpus: TokenCorpus,
+        prompt_loss: bool = False,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Every line of ``corpus`` as one row, padded with end tokens, as ``layout="lines"``
         batches show them: inputs and targets, (n_lines, max_line_length - 1) each, targets
         -100 after the end token (and on the prompt unless ``prompt_loss``). For a held-out
@@ -262,8 +280,9 @@ class ArithmeticTask:
         ids = corpus.ids.to(device) if device is not None else corpus.ids
         return self._padded_lines(ids, corpus.line_starts.to(ids.device), prompt_loss)
 
-    def _padded_lines(self, ids: Tensor, starts: Tensor, prompt_loss: bool
-                      ) -> tuple[Tensor, Tensor]:
+    def _padded_lines(
+        self, ids: Tensor, starts: Tensor, prompt_loss: bool
+    ) -> tuple[Tensor, Tensor]:
         """Every line as a row padded with end tokens: inputs and targets (n_lines, L - 1)."""
         width = self.max_line_length
         ends = torch.cat([starts[1:], starts.new_tensor([ids.numel()])])
@@ -277,16 +296,20 @@ class ArithmeticTask:
             targets[:, : self.prompt_length - 1] = -100
         return rows[:, :-1].contiguous(), targets.contiguous()
 
-    def encode_prompts(self, problems: Sequence[ArithmeticProblem],
-                       device: torch.device | str | None = None) -> Tensor:
+    def encode_prompts(
+        self, problems: Sequence[ArithmeticProblem], device: torch.device | str | None = None
+    ) -> Tensor:
         """The prompts of ``problems`` as one (len(problems), prompt_length) int64 tensor."""
         if len(problems) == 0:
             raise ValueError("problems is empty; pass at least one ArithmeticProblem")
-        wrong = [p for p in problems
-                 if (len(p.operands), p.n_digits) != (self.n_operands, self.n_digits)]
+        wrong = [
+            p for p in problems if (len(p.operands), p.n_digits) != (self.n_operands, self.n_digits)
+        ]
         if wrong:
-            raise ValueError(f"problem {wrong[0]} is not of this task's size "
-                             f"({self.n_operands} operands of {self.n_digits} digits)")
+            raise ValueError(
+                f"problem {wrong[0]} is not of this task's size "
+                f"({self.n_operands} operands of {self.n_digits} digits)"
+            )
         ids = self._encode_text("".join(p.prompt for p in problems))
         return ids.view(len(problems), self.prompt_length).to(device)
 
@@ -350,10 +373,12 @@ class EvalResult:
 
     def __str__(self) -> str:
         passes = ", ".join(f"pass@{k} {v:.3f}" for k, v in self.pass_at.items() if k > 1)
-        return (f"accuracy {self.accuracy:.3f} on {self.n_problems} problems x {self.samples}"
-                f" (worked steps {self.worked_fraction:.0%}, right when worked "
-                f"{self.accuracy_worked:.2f}, when direct {self.accuracy_direct:.2f}; mean "
-                f"length {self.mean_length:.1f})" + (f"; {passes}" if passes else ""))
+        return (
+            f"accuracy {self.accuracy:.3f} on {self.n_problems} problems x {self.samples}"
+            f" (worked steps {self.worked_fraction:.0%}, right when worked "
+            f"{self.accuracy_worked:.2f}, when direct {self.accuracy_direct:.2f}; mean "
+            f"length {self.mean_length:.1f})" + (f"; {passes}" if passes else "")
+        )
 
 
 @torch.no_grad()
@@ -380,11 +405,15 @@ def generate_completions(
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if greedy and samples != 1:
-        raise ValueError(f"greedy decoding gives the same completion every time; use "
-                         f"samples=1 or greedy=False (got samples={samples})")
+        raise ValueError(
+            f"greedy decoding gives the same completion every time; use "
+            f"samples=1 or greedy=False (got samples={samples})"
+        )
     if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
-                         "use greedy=True for argmax decoding")
+        raise ValueError(
+            f"temperature must be > 0 when sampling, got {temperature}; "
+            "use greedy=True for argmax decoding"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     task = task or ArithmeticTask.for_problems(problems)
@@ -392,11 +421,17 @@ def generate_completions(
     prompts = task.encode_prompts(problems, device_of(model)).repeat_interleave(samples, dim=0)
     completions: list[str] = []
     for i in range(0, prompts.shape[0], batch_size):
-        chunk = prompts[i:i + batch_size]
-        out = generate(model, chunk, max_new, temperature=0.0 if greedy else temperature,
-                       eos_token_id=task.eos_token_id, generator=generator,
-                       use_cache=use_cache)
-        completions.extend(task.decode_completions(out[:, chunk.shape[1]:]))
+        chunk = prompts[i : i + batch_size]
+        out = generate(
+            model,
+            chunk,
+            max_new,
+            temperature=0.0 if greedy else temperature,
+            eos_token_id=task.eos_token_id,
+            generator=generator,
+            use_cache=use_cache,
+        )
+        completions.extend(task.decode_completions(out[:, chunk.shape[1] :]))
     return completions
 
 
@@ -421,8 +456,18 @@ def evaluate_accuracy(
     for batching and stopping).
     """
     start = time.perf_counter()
-    completions = generate_completions(model, problems, greedy, temperature, samples,
-                                       max_new_tokens, batch_size, generator, task, use_cache)
+    completions = generate_completions(
+        model,
+        problems,
+        greedy,
+        temperature,
+        samples,
+        max_new_tokens,
+        batch_size,
+        generator,
+        task,
+        use_cache,
+    )
     expanded = [p for p in problems for _ in range(samples)]
     right = [check_completion(p, c) for p, c in zip(expanded, completions, strict=True)]
     worked = [uses_worked_steps(c) for c in completions]
@@ -435,8 +480,10 @@ def evaluate_accuracy(
     counts = correct.sum(1).tolist()
     ks = [k for k in (2**j for j in range(16)) if k <= samples]
     pass_at = {k: sum(pass_at_k(samples, c, k) for c in counts) / len(counts) for k in ks}
-    examples = [(expanded[i].prompt, completions[i], right[i])
-                for i in range(0, len(completions), samples)[:n_examples]]
+    examples = [
+        (expanded[i].prompt, completions[i], right[i])
+        for i in range(0, len(completions), samples)[:n_examples]
+    ]
     return EvalResult(
         accuracy=sum(right) / len(right),
         worked_fraction=sum(worked) / len(worked),
@@ -498,16 +545,23 @@ def train_on_task(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     every = steps if eval_every is None else eval_every
     if not isinstance(every, int) or not 1 <= every <= steps:
-        raise ValueError(f"eval_every must be an int in 1..steps={steps} (or None for once at "
-                         f"the end), got {eval_every!r}")
+        raise ValueError(
+            f"eval_every must be an int in 1..steps={steps} (or None for once at "
+            f"the end), got {eval_every!r}"
+        )
     seed_everything(seed)
     model = build_model()
     if device is not None:
         model = model.to(device)
     else:
         device = device_of(model)
-    batches = task.lm_batches(corpus, batch_size, prompt_loss=False, device=device,
-                              generator=torch.Generator().manual_seed(seed + 1))
+    batches = task.lm_batches(
+        corpus,
+        batch_size,
+        prompt_loss=False,
+        device=device,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
     at: list[int] = []
     accuracy: list[float] = []
     eval_seconds = 0.0
@@ -521,7 +575,8 @@ def train_on_task(
             m.train()
             eval_seconds += time.perf_counter() - start
 
-    result = train_language_model(model, batches, steps, lr=lr, after_step=after_step,
-                                  progress=progress, desc=desc)
+    result = train_language_model(
+        model, batches, steps, lr=lr, after_step=after_step, progress=progress, desc=desc
+    )
     model.eval()
     return TaskRun(model, result.losses, at, accuracy, result.seconds - eval_seconds)

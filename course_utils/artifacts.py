@@ -29,8 +29,17 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["MANIFEST", "SEEDS_FILE", "artifact_path", "artifacts_dir", "code_fingerprint",
-           "load_or_build", "load_seed_runs", "seed_figures", "verify_artifact"]
+__all__ = [
+    "MANIFEST",
+    "SEEDS_FILE",
+    "artifact_path",
+    "artifacts_dir",
+    "code_fingerprint",
+    "load_or_build",
+    "load_seed_runs",
+    "seed_figures",
+    "verify_artifact",
+]
 
 T = TypeVar("T")
 
@@ -72,8 +81,9 @@ def _canonical(spec: Mapping[str, Any]) -> dict[str, Any]:
     try:
         return json.loads(json.dumps(dict(spec), sort_keys=True))
     except TypeError as err:
-        raise ValueError(f"spec must be JSON-able (numbers, strings, lists, dicts): "
-                         f"{err}") from None
+        raise ValueError(
+            f"spec must be JSON-able (numbers, strings, lists, dicts): {err}"
+        ) from None
 
 
 def _check_kind(kind: str) -> None:
@@ -91,8 +101,11 @@ def artifact_path(kind: str, spec: Mapping[str, Any], root: str | Path | None = 
 
 
 def _file_hashes(path: Path) -> dict[str, str]:
-    return {f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    return {
+        f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
 
 
 def verify_artifact(path: str | Path, kind: str, spec: Mapping[str, Any]) -> bool:
@@ -105,8 +118,10 @@ def verify_artifact(path: str | Path, kind: str, spec: Mapping[str, Any]) -> boo
         return False
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
-        raise ValueError(f"{path} holds files but no {MANIFEST}: it was not written by "
-                         "load_or_build; delete it (or choose another root) to train here")
+        raise ValueError(
+            f"{path} holds files but no {MANIFEST}: it was not written by "
+            "load_or_build; delete it (or choose another root) to train here"
+        )
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError:
@@ -115,13 +130,20 @@ def verify_artifact(path: str | Path, kind: str, spec: Mapping[str, Any]) -> boo
     have = {k: manifest.get(k) for k in want}
     if have != want:
         diff = sorted(k for k in want if have[k] != want[k])
-        raise ValueError(f"{path} holds another run's artifact (its {', '.join(diff)} differ "
-                         "from this run's); delete it, or pass another root")
+        raise ValueError(
+            f"{path} holds another run's artifact (its {', '.join(diff)} differ "
+            "from this run's); delete it, or pass another root"
+        )
     return manifest.get("files") == _file_hashes(path)
 
 
-def load_or_build(kind: str, spec: Mapping[str, Any], build: Callable[[Path], None],
-                  load: Callable[[Path], T], root: str | Path | None = None) -> T:
+def load_or_build(
+    kind: str,
+    spec: Mapping[str, Any],
+    build: Callable[[Path], None],
+    load: Callable[[Path], T],
+    root: str | Path | None = None,
+) -> T:
     """``load(path)`` of the artifact ``kind`` made from ``spec`` by the current code, building
     it first with ``build(path)`` when it is absent or corrupt.
 
@@ -130,8 +152,9 @@ def load_or_build(kind: str, spec: Mapping[str, Any], build: Callable[[Path], No
     """
     path = artifact_path(kind, spec, root)
     if path.exists() and not verify_artifact(path, kind, spec):
-        warnings.warn(f"{path} is corrupt (a file changed since it was saved); rebuilding it",
-                      stacklevel=2)
+        warnings.warn(
+            f"{path} is corrupt (a file changed since it was saved); rebuilding it", stacklevel=2
+        )
         shutil.rmtree(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +163,12 @@ def load_or_build(kind: str, spec: Mapping[str, Any], build: Callable[[Path], No
         tmp.mkdir()
         try:
             build(tmp)
-            manifest = {"kind": kind, "spec": _canonical(spec), "code": code_fingerprint(),
-                        "files": _file_hashes(tmp)}
+            manifest = {
+                "kind": kind,
+                "spec": _canonical(spec),
+                "code": code_fingerprint(),
+                "files": _file_hashes(tmp),
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             tmp.rename(path)
         finally:
@@ -163,9 +190,14 @@ def seed_figures(notebook: str, path: str | Path = SEEDS_FILE) -> dict[int, dict
     value}}`` (seeds that failed left out). Raises ``ValueError`` when the file has none for
     ``notebook`` (e.g. ``"21_mini_deepseek"``): run ``make seeds`` first."""
     runs = load_seed_runs(path)
-    found = {seed: dict(by_notebook[notebook]) for seed, by_notebook in sorted(runs.items())
-             if notebook in by_notebook and "error" not in by_notebook[notebook]}
+    found = {
+        seed: dict(by_notebook[notebook])
+        for seed, by_notebook in sorted(runs.items())
+        if notebook in by_notebook and "error" not in by_notebook[notebook]
+    }
     if not found:
-        raise ValueError(f"{path} has no figures for notebook={notebook!r}; run `make seeds` "
-                         "(tools/seeds.py) to measure them")
+        raise ValueError(
+            f"{path} has no figures for notebook={notebook!r}; run `make seeds` "
+            "(tools/seeds.py) to measure them"
+        )
     return found

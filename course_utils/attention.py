@@ -68,11 +68,13 @@ def scaled_dot_product_attention(
     (..., t, s) weights after softmax and before dropout.
     """
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k need the same last dimension, got {q.shape[-1]} and "
-                         f"{k.shape[-1]}")
+        raise ValueError(
+            f"q and k need the same last dimension, got {q.shape[-1]} and {k.shape[-1]}"
+        )
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v need the same number of tokens, got {k.shape[-2]} and "
-                         f"{v.shape[-2]}")
+        raise ValueError(
+            f"k and v need the same number of tokens, got {k.shape[-2]} and {v.shape[-2]}"
+        )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     t, s = q.shape[-2], k.shape[-2]
@@ -138,8 +140,9 @@ class CausalSelfAttention(SelfAttention):
     def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         q, k, v = self.W_q(x), self.W_k(x), self.W_v(x)
         p = self.dropout if self.training else 0.0
-        return scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
-                                            return_weights=return_weights)
+        return scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=p, return_weights=return_weights
+        )
 
 
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
@@ -203,8 +206,14 @@ class MultiHeadAttention(nn.Module):
     ) -> KVCache:
         """An empty KV cache for this layer: (batch, n_kv_heads, capacity, head_dim) K and V."""
         weight = self.k_proj.weight
-        return KVCache(batch_size, capacity, self.n_kv_heads, self.head_dim,
-                       device=device or weight.device, dtype=dtype or weight.dtype)
+        return KVCache(
+            batch_size,
+            capacity,
+            self.n_kv_heads,
+            self.head_dim,
+            device=device or weight.device,
+            dtype=dtype or weight.dtype,
+        )
 
     def _split(self, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
@@ -225,8 +234,13 @@ class MultiHeadAttention(nn.Module):
         if self.keep_weights:
             # the teaching path: copy each KV head to the query heads it serves
             out, weights = scaled_dot_product_attention(
-                q, repeat_kv(k, group), repeat_kv(v, group), is_causal=self.causal,
-                dropout_p=p, return_weights=True)
+                q,
+                repeat_kv(k, group),
+                repeat_kv(v, group),
+                is_causal=self.causal,
+                dropout_p=p,
+                return_weights=True,
+            )
             self.last_weights = weights.detach()
         else:
             # the fast path: PyTorch's fused kernel, with the `group` query heads that share a
@@ -236,8 +250,9 @@ class MultiHeadAttention(nn.Module):
             mask, plain_causal = None, self.causal and t > 1 and group == 1 and t == s
             if self.causal and t > 1 and not plain_causal:
                 mask = causal_mask(t, s, device=x.device).repeat(group, 1)
-            out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=plain_causal)
+            out = F.scaled_dot_product_attention(
+                rows, k, v, attn_mask=mask, dropout_p=p, is_causal=plain_causal
+            )
             out = out.view(b, self.n_heads, t, self.head_dim)
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)

@@ -55,8 +55,10 @@ class BaseCache:
         draft tokens the model rejected). The buffers past ``length`` are simply overwritten
         by the next append."""
         if not isinstance(length, int) or not 0 <= length <= self.length:
-            raise ValueError(f"length must be an int in [0, {self.length}] (the tokens cached "
-                             f"now), got {length!r}")
+            raise ValueError(
+                f"length must be an int in [0, {self.length}] (the tokens cached "
+                f"now), got {length!r}"
+            )
         self.length = length
 
     def _reserve(self, n_new: int, batch_size: int) -> tuple[int, int]:
@@ -107,8 +109,11 @@ class KVCache(BaseCache):
 
         Returns views of all cached keys and values so far, (batch, n_kv_heads, length, head_dim).
         """
-        if k.shape != v.shape or k.dim() != 4 or k.shape[1] != self.k.shape[1] or (
-            k.shape[3] != self.k.shape[3]
+        if (
+            k.shape != v.shape
+            or k.dim() != 4
+            or k.shape[1] != self.k.shape[1]
+            or (k.shape[3] != self.k.shape[3])
         ):
             raise ValueError(
                 f"k and v must both be (batch, {self.k.shape[1]}, t, {self.k.shape[3]}), "
@@ -131,9 +136,14 @@ def kv_cache_bytes(
     """Bytes of a K/V cache: 2 (K and V) x layers x KV heads x head_dim x tokens x batch x
     element size. ``bytes_per_element`` is 2 for fp16/bf16 (the usual serving dtype), 4 for
     fp32. With the defaults it is the bytes per token of the whole model."""
-    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim), ("seq_len", seq_len),
-                        ("batch_size", batch_size), ("bytes_per_element", bytes_per_element)):
+    for name, value in (
+        ("num_layers", num_layers),
+        ("num_kv_heads", num_kv_heads),
+        ("head_dim", head_dim),
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+        ("bytes_per_element", bytes_per_element),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     return 2 * num_layers * num_kv_heads * head_dim * seq_len * batch_size * bytes_per_element

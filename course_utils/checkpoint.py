@@ -82,15 +82,18 @@ def read_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
         with safe_open(str(path / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 if key in tensors:
-                    raise ValueError(f"tensor {key!r} appears in more than one shard "
-                                     f"(again in {name})")
+                    raise ValueError(
+                        f"tensor {key!r} appears in more than one shard (again in {name})"
+                    )
                 tensors[key] = f.get_tensor(key)
     if index.exists():
         stray = sorted(set(tensors) - set(weight_map))
         absent = sorted(set(weight_map) - set(tensors))
         if stray or absent:
-            raise ValueError(f"{index} disagrees with its shards: listed but absent {absent[:5]}, "
-                             f"present but unlisted {stray[:5]}")
+            raise ValueError(
+                f"{index} disagrees with its shards: listed but absent {absent[:5]}, "
+                f"present but unlisted {stray[:5]}"
+            )
     return tensors
 
 
@@ -101,12 +104,15 @@ def _layer_index(key: str) -> int | None:
 
 _MTP_KEY = re.compile(r"^mtp\.(\d+)\.(.*)$")
 #: Tensors a released V3 MTP layer stores although they equal the main model's.
-_MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight",
-               "shared_head.head.weight": "lm_head.weight"}
+_MTP_SHARED = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "shared_head.head.weight": "lm_head.weight",
+}
 
 
-def _mtp_from_hub(tensors: dict[str, Tensor], num_hidden_layers: int
-                  ) -> tuple[dict[str, Tensor], int]:
+def _mtp_from_hub(
+    tensors: dict[str, Tensor], num_hidden_layers: int
+) -> tuple[dict[str, Tensor], int]:
     """Rename V3's MTP layers ``model.layers.{L + k}.*`` to our ``mtp.{k}.*``; drop their copies
     of the shared embedding and head. Returns the tensors and the MTP depth found."""
     out, depths = {}, set()
@@ -120,8 +126,10 @@ def _mtp_from_hub(tensors: dict[str, Tensor], num_hidden_layers: int
         if rest not in _MTP_SHARED:
             out[f"mtp.{k}.{rest}"] = value
     if depths and depths != set(range(len(depths))):
-        raise ValueError(f"MTP layers must be numbered {num_hidden_layers} .. without gaps, "
-                         f"found offsets {sorted(depths)}")
+        raise ValueError(
+            f"MTP layers must be numbered {num_hidden_layers} .. without gaps, "
+            f"found offsets {sorted(depths)}"
+        )
     return out, len(depths)
 
 
@@ -142,8 +150,9 @@ def _mtp_to_hub(state: dict[str, Tensor], num_hidden_layers: int) -> dict[str, T
     return out
 
 
-def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> DeepSeekForCausalLM:
+def load_hf_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> DeepSeekForCausalLM:
     """Load a Hugging Face DeepSeek-V2 or -V3 checkpoint directory into the course model.
 
     ``path`` holds ``config.json`` and ``*.safetensors`` (single file or sharded with
@@ -163,8 +172,10 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     tensors = split_fused_experts(read_safetensors_dir(path))
     scaled = sorted(k for k in tensors if k.endswith("weight_scale_inv"))
     if scaled:
-        raise ValueError(f"{scaled[0]} and {len(scaled) - 1} more are FP8 block scales: this is "
-                         "a quantized checkpoint; dequantize it to bf16/fp32 first")
+        raise ValueError(
+            f"{scaled[0]} and {len(scaled) - 1} more are FP8 block scales: this is "
+            "a quantized checkpoint; dequantize it to bf16/fp32 first"
+        )
     # RoPE tables are recomputed from the config; some older files carry them.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     tensors, config.num_nextn_predict_layers = _mtp_from_hub(tensors, config.num_hidden_layers)
@@ -179,25 +190,32 @@ def load_hf_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the config needs, "
-                         f"first {missing[0]!r} of shape {tuple(expected[missing[0]].shape)}; "
-                         f"all missing: {missing[:8]}")
+        raise ValueError(
+            f"checkpoint {path} lacks {len(missing)} tensor(s) the config needs, "
+            f"first {missing[0]!r} of shape {tuple(expected[missing[0]].shape)}; "
+            f"all missing: {missing[:8]}"
+        )
     if unexpected:
-        raise ValueError(f"checkpoint {path} has {len(unexpected)} tensor(s) this config does "
-                         f"not use, first {unexpected[0]!r} of shape "
-                         f"{tuple(tensors[unexpected[0]].shape)}; all: {unexpected[:8]}")
+        raise ValueError(
+            f"checkpoint {path} has {len(unexpected)} tensor(s) this config does "
+            f"not use, first {unexpected[0]!r} of shape "
+            f"{tuple(tensors[unexpected[0]].shape)}; all: {unexpected[:8]}"
+        )
     for key, want in expected.items():
         if tuple(tensors[key].shape) != tuple(want.shape):
-            raise ValueError(f"tensor {key!r}: the config expects shape {tuple(want.shape)}, "
-                             f"the checkpoint has {tuple(tensors[key].shape)}")
+            raise ValueError(
+                f"tensor {key!r}: the config expects shape {tuple(want.shape)}, "
+                f"the checkpoint has {tuple(tensors[key].shape)}"
+            )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])  # copies into the model's own storage, casting dtype
     return model.eval()
 
 
-def save_hf_checkpoint(model: DeepSeekForCausalLM, path: str | Path,
-                       max_shard_bytes: int | None = None) -> Path:
+def save_hf_checkpoint(
+    model: DeepSeekForCausalLM, path: str | Path, max_shard_bytes: int | None = None
+) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory; returns the path.
 
     Writes ``config.json`` (:meth:`DeepSeekConfig.to_hf` plus the weights' dtype),
@@ -209,11 +227,18 @@ def save_hf_checkpoint(model: DeepSeekForCausalLM, path: str | Path,
     when that matters).
     """
     config = model.config
-    if config.model_type == "deepseek_v2" and config.norm_topk_prob and \
-            config.num_moe_layers and config.num_experts_per_tok > 1:
-        warnings.warn("transformers' DeepseekV2 router never renormalises the top-k weights, so "
-                      "with norm_topk_prob=True it will compute different outputs from this "
-                      "checkpoint (DeepSeek's own V2 code does renormalise)", stacklevel=2)
+    if (
+        config.model_type == "deepseek_v2"
+        and config.norm_topk_prob
+        and config.num_moe_layers
+        and config.num_experts_per_tok > 1
+    ):
+        warnings.warn(
+            "transformers' DeepseekV2 router never renormalises the top-k weights, so "
+            "with norm_topk_prob=True it will compute different outputs from this "
+            "checkpoint (DeepSeek's own V2 code does renormalise)",
+            stacklevel=2,
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -224,8 +249,11 @@ def save_hf_checkpoint(model: DeepSeekForCausalLM, path: str | Path,
     hf = config.to_hf()
     hf["torch_dtype"] = dtype
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if getattr(config, k) is not None}
+    generation = {
+        k: getattr(config, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(config, k) is not None
+    }
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for old in list(path.glob("*.safetensors")) + [path / _INDEX]:
         old.unlink(missing_ok=True)  # a previous save's shards would mix in on load
@@ -249,8 +277,9 @@ def save_hf_checkpoint(model: DeepSeekForCausalLM, path: str | Path,
         save_file(shard, str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                           "weight_map": weight_map}, indent=2) + "\n")
+    (path / _INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
     return path
 
 
@@ -262,8 +291,13 @@ def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch_cpu": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
@@ -278,12 +312,14 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))
     if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8)
-                                      for s in state["torch_cuda"]])
+        torch.cuda.set_rng_state_all(
+            [torch.tensor(s, dtype=torch.uint8) for s in state["torch_cuda"]]
+        )
 
 
-def _split_optimizer_state(optimizer: torch.optim.Optimizer
-                           ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _split_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Optimizer state_dict -> (tensors by flat name, the JSON-able rest with tensor slots
     replaced by their flat names)."""
     sd = optimizer.state_dict()
@@ -302,8 +338,13 @@ def _split_optimizer_state(optimizer: torch.optim.Optimizer
     return tensors, {"state": state_json, "param_groups": sd["param_groups"]}
 
 
-def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        step: int, extra: Mapping[str, Any] | None = None) -> Path:
+def save_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Save everything a run needs to continue exactly where it stopped, into directory
     ``path``: ``state.safetensors`` (model parameters and buffers, optimizer moments) and
     ``state.json`` (step, optimizer hyper-parameters, Python/NumPy/torch RNG states and
@@ -311,13 +352,19 @@ def save_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous()
-               for k, v in _all_model_tensors(model).items()}
+    tensors = {
+        f"model.{k}": v.detach().to("cpu").contiguous()
+        for k, v in _all_model_tensors(model).items()
+    }
     opt_tensors, opt_json = _split_optimizer_state(optimizer)
     tensors.update(opt_tensors)
     save_file(tensors, str(path / "state.safetensors"), metadata={"format": "pt"})
-    meta = {"step": int(step), "optimizer": opt_json, "rng": _rng_state(),
-            "extra": dict(extra or {})}
+    meta = {
+        "step": int(step),
+        "optimizer": opt_json,
+        "rng": _rng_state(),
+        "extra": dict(extra or {}),
+    }
     (path / "state.json").write_text(json.dumps(meta) + "\n")
     return path
 
@@ -330,8 +377,9 @@ def _all_model_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
-                        ) -> dict[str, Any]:
+def load_training_state(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote into ``model`` and ``optimizer`` (built
     the same way, on any device) and reset every RNG. Returns ``{"step": ..., "extra": ...}``.
     """
@@ -342,21 +390,27 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     targets = _all_model_tensors(model)
     names = {k.removeprefix("model.") for k in stored if k.startswith("model.")}
     if names != set(targets):
-        raise ValueError(f"the saved model tensors do not match this model: missing "
-                         f"{sorted(set(targets) - names)[:5]}, "
-                         f"extra {sorted(names - set(targets))[:5]}")
+        raise ValueError(
+            f"the saved model tensors do not match this model: missing "
+            f"{sorted(set(targets) - names)[:5]}, "
+            f"extra {sorted(names - set(targets))[:5]}"
+        )
     with torch.no_grad():
         for name, target in targets.items():
             value = stored[f"model.{name}"]
             if value.shape != target.shape:
-                raise ValueError(f"tensor {name!r}: this model has shape {tuple(target.shape)}, "
-                                 f"the saved state {tuple(value.shape)}")
+                raise ValueError(
+                    f"tensor {name!r}: this model has shape {tuple(target.shape)}, "
+                    f"the saved state {tuple(value.shape)}"
+                )
             target.copy_(value)
     opt = meta["optimizer"]
     state = {}
     for pid, slots in opt["state"].items():
-        state[int(pid)] = {slot: stored[v["tensor"]] if isinstance(v, dict) and "tensor" in v
-                           else v for slot, v in slots.items()}
+        state[int(pid)] = {
+            slot: stored[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+            for slot, v in slots.items()
+        }
     optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
     _set_rng_state(meta["rng"])
     return {"step": meta["step"], "extra": meta["extra"]}

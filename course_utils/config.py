@@ -32,12 +32,35 @@ _FAMILIES = {
 #: Keys of a Hub or transformers config.json that carry no information for this model (runtime
 #: switches, parallelism plans, bookkeeping). Anything else that is not a field is reported.
 _IGNORED_HF_KEYS = {
-    "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "pretraining_tp", "attention_dropout", "output_router_logits", "num_key_value_heads",
-    "head_dim", "qk_head_dim", "ep_size", "_name_or_path", "output_hidden_states",
-    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "rope_parameters", "mlp_bias", "hidden_act",
-    "num_mtp_layers", "quantization_config", "_attn_implementation", "router_aux_loss_coef",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "pretraining_tp",
+    "attention_dropout",
+    "output_router_logits",
+    "num_key_value_heads",
+    "head_dim",
+    "qk_head_dim",
+    "ep_size",
+    "_name_or_path",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "rope_parameters",
+    "mlp_bias",
+    "hidden_act",
+    "num_mtp_layers",
+    "quantization_config",
+    "_attn_implementation",
+    "router_aux_loss_coef",
 }
 
 
@@ -105,8 +128,9 @@ class DeepSeekConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in _FAMILIES:
-            raise ValueError(f"model_type must be one of {tuple(_FAMILIES)}, got "
-                             f"{self.model_type!r}")
+            raise ValueError(
+                f"model_type must be one of {tuple(_FAMILIES)}, got {self.model_type!r}"
+            )
         # Hub configs write null for "no expert groups".
         if self.n_group is None:
             self.n_group = 1
@@ -116,48 +140,67 @@ class DeepSeekConfig:
         if self.scoring_func is None:
             self.scoring_func = scoring
         if self.topk_method is None:
-            self.topk_method = (methods[0] if self.model_type == "deepseek_v3" or self.n_group == 1
-                                else "group_limited_greedy")
+            self.topk_method = (
+                methods[0]
+                if self.model_type == "deepseek_v3" or self.n_group == 1
+                else "group_limited_greedy"
+            )
         if self.scoring_func != scoring or self.topk_method not in methods:
             raise ValueError(
                 f"model_type={self.model_type!r} routes with scoring_func={scoring!r} and "
                 f"topk_method in {methods}, got scoring_func={self.scoring_func!r}, "
-                f"topk_method={self.topk_method!r}; change model_type or leave both as None")
+                f"topk_method={self.topk_method!r}; change model_type or leave both as None"
+            )
         if self.rope_scaling is not None:
             scaling = {k: v for k, v in dict(self.rope_scaling).items() if k != "rope_theta"}
             if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
                 scaling = None
             self.rope_scaling = scaling
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(
                 f"first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
-                f"num_hidden_layers={self.num_hidden_layers} (it counts the dense layers)")
+                f"num_hidden_layers={self.num_hidden_layers} (it counts the dense layers)"
+            )
         if self.moe_layer_freq != 1:
             raise ValueError(
                 f"moe_layer_freq={self.moe_layer_freq} is not supported: every released "
                 "DeepSeek-V2/V3 uses 1 (MoE in every layer after the dense ones) and transformers "
-                "ignores the key; set moe_layer_freq=1")
+                "ignores the key; set moe_layer_freq=1"
+            )
         if self.num_nextn_predict_layers < 0:
-            raise ValueError(f"num_nextn_predict_layers must be >= 0, got "
-                             f"{self.num_nextn_predict_layers}")
+            raise ValueError(
+                f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
+            )
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.initializer_range <= 0:
             raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
         if not self.rope_interleave and self.model_type == "deepseek_v2":
-            raise ValueError("rope_interleave=False needs model_type='deepseek_v3': "
-                             "DeepSeek-V2 checkpoints are always interleaved")
+            raise ValueError(
+                "rope_interleave=False needs model_type='deepseek_v3': "
+                "DeepSeek-V2 checkpoints are always interleaved"
+            )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name}={value} must be a token id below vocab_size="
-                                 f"{self.vocab_size}, or None")
+                raise ValueError(
+                    f"{name}={value} must be a token id below vocab_size={self.vocab_size}, or None"
+                )
         # The layer configs validate the rest (rope dims even, experts vs groups, YaRN keys).
         self.mla_config()
         if self.num_moe_layers:
@@ -168,8 +211,7 @@ class DeepSeekConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         """True when layer ``layer_idx`` (0-based) uses DeepSeekMoE, False when it is dense."""
         if not 0 <= layer_idx < self.num_hidden_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.num_hidden_layers}), got "
-                             f"{layer_idx}")
+            raise ValueError(f"layer_idx must be in [0, {self.num_hidden_layers}), got {layer_idx}")
         return layer_idx >= self.first_k_dense_replace
 
     @property
@@ -179,25 +221,39 @@ class DeepSeekConfig:
     def mla_config(self) -> MLAConfig:
         """The attention config every layer uses."""
         return MLAConfig(
-            hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
-            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim,
-            q_lora_rank=self.q_lora_rank, rope_theta=self.rope_theta,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            q_lora_rank=self.q_lora_rank,
+            rope_theta=self.rope_theta,
             rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
-            rope_interleave=self.rope_interleave, attention_bias=self.attention_bias,
+            rope_interleave=self.rope_interleave,
+            attention_bias=self.attention_bias,
             num_hidden_layers=self.num_hidden_layers,
-            max_position_embeddings=self.max_position_embeddings)
+            max_position_embeddings=self.max_position_embeddings,
+        )
 
     def moe_config(self) -> MoEConfig:
         """The MoE config of the layers from ``first_k_dense_replace`` on."""
         return MoEConfig(
-            hidden_size=self.hidden_size, moe_intermediate_size=self.moe_intermediate_size,
-            n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
-            n_shared_experts=self.n_shared_experts, n_group=self.n_group,
-            topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-            norm_topk_prob=self.norm_topk_prob, scoring_func=self.scoring_func,
-            topk_method=self.topk_method, bias_update_speed=self.bias_update_speed,
-            aux_loss_alpha=self.aux_loss_alpha, seq_aux=self.seq_aux)
+            hidden_size=self.hidden_size,
+            moe_intermediate_size=self.moe_intermediate_size,
+            n_routed_experts=self.n_routed_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            n_shared_experts=self.n_shared_experts,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor,
+            norm_topk_prob=self.norm_topk_prob,
+            scoring_func=self.scoring_func,
+            topk_method=self.topk_method,
+            bias_update_speed=self.bias_update_speed,
+            aux_loss_alpha=self.aux_loss_alpha,
+            seq_aux=self.seq_aux,
+        )
 
     @property
     def active_expert_width(self) -> int:
@@ -210,8 +266,11 @@ class DeepSeekConfig:
         every feed-forward a SwiGLU of width :attr:`active_expert_width`, so each token runs
         the same feed-forward matmuls (only the router's small ``E x hidden`` product is
         missing). Layers that were already dense take that width too."""
-        return dataclasses.replace(self, intermediate_size=self.active_expert_width,
-                                   first_k_dense_replace=self.num_hidden_layers)
+        return dataclasses.replace(
+            self,
+            intermediate_size=self.active_expert_width,
+            first_k_dense_replace=self.num_hidden_layers,
+        )
 
     # -- presets ------------------------------------------------------------------------------
 
@@ -243,8 +302,9 @@ class DeepSeekConfig:
         d = dict(config)
         model_type = d.get("model_type")
         if model_type not in _FAMILIES:
-            raise ValueError(f"config.json model_type must be one of {tuple(_FAMILIES)}, got "
-                             f"{model_type!r}")
+            raise ValueError(
+                f"config.json model_type must be one of {tuple(_FAMILIES)}, got {model_type!r}"
+            )
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {d['hidden_act']!r}")
         if d.get("mlp_bias"):
@@ -253,7 +313,8 @@ class DeepSeekConfig:
             raise ValueError(
                 "this config.json describes quantized (FP8) weights, with a "
                 "quantization_config; dequantize the checkpoint to bf16/fp32 first (DeepSeek's "
-                "fp8_cast_bf16.py does) and load that")
+                "fp8_cast_bf16.py does) and load that"
+            )
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         theta = d.get("rope_theta") or rope.get("rope_theta") or 10000.0
         d["rope_theta"] = float(theta)
@@ -292,17 +353,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     # experts of width 40 in 2 groups (top-2, one group per token) + 1 shared. The dense layer's
     # width equals the active expert width (3 x 40), so dense_baseline() only changes the MoE
     # layers.
-    "cpu": dict(hidden_size=96, intermediate_size=120, moe_intermediate_size=40,
-                num_hidden_layers=3, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-                n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                first_k_dense_replace=1, max_position_embeddings=256, model_type="deepseek_v3"),
+    "cpu": dict(
+        hidden_size=96,
+        intermediate_size=120,
+        moe_intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        max_position_embeddings=256,
+        model_type="deepseek_v3",
+    ),
     # ~14M parameters (5.6M active) for a T4: hidden 256, 8 layers (1 dense + 7 MoE), 8 heads,
     # 16 routed experts of width 128 (top-4 of 16 in 4 groups, 2 groups per token) + 1 shared.
-    "gpu": dict(hidden_size=256, intermediate_size=640, moe_intermediate_size=128,
-                num_hidden_layers=8, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
-                qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
-                n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-                first_k_dense_replace=1, max_position_embeddings=1024,
-                model_type="deepseek_v3"),
+    "gpu": dict(
+        hidden_size=256,
+        intermediate_size=640,
+        moe_intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        max_position_embeddings=1024,
+        model_type="deepseek_v3",
+    ),
 }

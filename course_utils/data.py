@@ -45,18 +45,68 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 _PEOPLE = [
-    ("Ada", "she"), ("Ben", "he"), ("Cleo", "she"), ("Dev", "he"), ("Esme", "she"),
-    ("Finn", "he"), ("Hana", "she"), ("Ivo", "he"), ("Juno", "she"), ("Omar", "he"),
+    ("Ada", "she"),
+    ("Ben", "he"),
+    ("Cleo", "she"),
+    ("Dev", "he"),
+    ("Esme", "she"),
+    ("Finn", "he"),
+    ("Hana", "she"),
+    ("Ivo", "he"),
+    ("Juno", "she"),
+    ("Omar", "he"),
 ]
 _ANIMALS = ["cat", "dog", "fox", "owl", "bear", "rabbit", "horse", "duck", "goat", "robin"]
-_ADJECTIVES = ["small", "old", "happy", "brave", "quiet", "curious", "tired", "clever",
-               "red", "bright", "heavy", "gentle"]
-_OBJECTS = ["ball", "book", "key", "lamp", "boat", "kite", "map", "cake", "hat", "box",
-            "letter", "shell"]
-_PLACES = ["garden", "river", "forest", "kitchen", "market", "library", "hill", "harbor",
-           "bridge", "meadow"]
-_TIMES = ["In the morning", "At noon", "Late that night", "One rainy day", "After lunch",
-          "The next day", "When the sun rose", "Before dinner"]
+_ADJECTIVES = [
+    "small",
+    "old",
+    "happy",
+    "brave",
+    "quiet",
+    "curious",
+    "tired",
+    "clever",
+    "red",
+    "bright",
+    "heavy",
+    "gentle",
+]
+_OBJECTS = [
+    "ball",
+    "book",
+    "key",
+    "lamp",
+    "boat",
+    "kite",
+    "map",
+    "cake",
+    "hat",
+    "box",
+    "letter",
+    "shell",
+]
+_PLACES = [
+    "garden",
+    "river",
+    "forest",
+    "kitchen",
+    "market",
+    "library",
+    "hill",
+    "harbor",
+    "bridge",
+    "meadow",
+]
+_TIMES = [
+    "In the morning",
+    "At noon",
+    "Late that night",
+    "One rainy day",
+    "After lunch",
+    "The next day",
+    "When the sun rose",
+    "Before dinner",
+]
 _FEELINGS = ["happy", "surprised", "worried", "proud", "sleepy", "hungry", "curious"]
 _VERBS_PAST = ["carried", "painted", "hid", "found", "dropped", "cleaned", "opened", "lost"]
 
@@ -72,7 +122,7 @@ def _story(rng: random.Random) -> str:
         f"{rng.choice(_TIMES)}, {name} {rng.choice(_VERBS_PAST)} a {adj} {obj} near the {place}.",
         f"The {animal} saw the {obj} and followed {name} to the {place2}.",
         f"{name} gave the {obj} to {friend} because {pron} was {rng.choice(_FEELINGS)}.",
-        f"{friend} said, \"Thank you, {name}. I will keep it in my {obj2}.\"",
+        f'{friend} said, "Thank you, {name}. I will keep it in my {obj2}."',
         f"The {animal} was {adj2}, so it slept under the {obj2} until {friend_pron} woke it.",
         f"{friend} counted {count} {animal}s by the {place}, and {friend_pron} laughed.",
         f"Where is the {obj}? It is in the {obj2}, and the {obj2} is by the {place2}.",
@@ -233,7 +283,7 @@ def parse_final_answer(completion: str) -> int | None:
         match = _WORKED.match(line)
         if match is None:
             return None
-        line = line[match.end():]
+        line = line[match.end() :]
     if not line or not line.isdigit() or not line.isascii():
         return None
     return int(line)
@@ -283,8 +333,9 @@ def random_windows(
     return windows_at(ids, starts, block_size)
 
 
-def windows_at(ids: torch.Tensor, starts: torch.Tensor, block_size: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_at(
+    ids: torch.Tensor, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``ids[s : s + block_size]`` and next-token targets ``ids[s + 1 : s + block_size
     + 1]`` for each start ``s``: two (len(starts), block_size) tensors on ``ids``' device. The
     one owner of "windows of a token stream": :func:`random_windows` draws the starts anywhere,

@@ -45,13 +45,15 @@ class DecoderConfig:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if self.kv_lora_rank is not None:
             if self.kv_lora_rank < 1:
-                raise ValueError(f"kv_lora_rank must be >= 1 (or None for MHA/GQA/MQA), got "
-                                 f"{self.kv_lora_rank}")
+                raise ValueError(
+                    f"kv_lora_rank must be >= 1 (or None for MHA/GQA/MQA), got {self.kv_lora_rank}"
+                )
             if self.num_key_value_heads not in (None, self.num_attention_heads):
                 raise ValueError(
                     f"num_key_value_heads={self.num_key_value_heads} with kv_lora_rank: MLA "
                     "rebuilds every head's keys and values from the latent; leave "
-                    "num_key_value_heads unset (or equal to num_attention_heads)")
+                    "num_key_value_heads unset (or equal to num_attention_heads)"
+                )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.intermediate_size is None:
@@ -66,12 +68,16 @@ class DecoderConfig:
         if self.kv_lora_rank is None:
             raise ValueError("mla_config() needs kv_lora_rank; this config builds MHA/GQA/MQA")
         head_dim = self.hidden_size // self.num_attention_heads
-        return MLAConfig(hidden_size=self.hidden_size,
-                         num_attention_heads=self.num_attention_heads,
-                         kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=head_dim,
-                         qk_rope_head_dim=0, v_head_dim=head_dim,
-                         num_hidden_layers=self.num_hidden_layers,
-                         max_position_embeddings=self.max_position_embeddings)
+        return MLAConfig(
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=head_dim,
+            qk_rope_head_dim=0,
+            v_head_dim=head_dim,
+            num_hidden_layers=self.num_hidden_layers,
+            max_position_embeddings=self.max_position_embeddings,
+        )
 
 
 class DecoderBlock(nn.Module):
@@ -83,12 +89,16 @@ class DecoderBlock(nn.Module):
         self.self_attn: MultiHeadAttention | MultiHeadLatentAttention
         if config.kv_lora_rank is None:
             self.self_attn = MultiHeadAttention(
-                config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                dropout=config.dropout)
+                config.hidden_size,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                dropout=config.dropout,
+            )
         else:
             if config.dropout:
-                raise ValueError("dropout is not supported with kv_lora_rank (MLA); set "
-                                 "dropout=0.0")
+                raise ValueError(
+                    "dropout is not supported with kv_lora_rank (MLA); set dropout=0.0"
+                )
             self.self_attn = MultiHeadLatentAttention(config.mla_config())
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
@@ -131,15 +141,17 @@ class TinyDecoder(nn.Module):
     def forward(self, input_ids: Tensor, caches: list[BaseCache] | None = None) -> Tensor:
         return self.forward_with_hidden(input_ids, caches)[0]
 
-    def forward_with_hidden(self, input_ids: Tensor, caches: list[BaseCache] | None = None
-                            ) -> tuple[Tensor, Tensor]:
+    def forward_with_hidden(
+        self, input_ids: Tensor, caches: list[BaseCache] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(logits (b, t, vocab), hidden (b, t, hidden)): ``hidden`` is the final hidden state
         after the final norm, what ``lm_head`` reads (a PPO critic reads it too)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
         if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"caches must hold one cache per layer ({len(self.layers)}), "
-                             f"got {len(caches)}")
+            raise ValueError(
+                f"caches must hold one cache per layer ({len(self.layers)}), got {len(caches)}"
+            )
         start = caches[0].length if caches else 0
         t = input_ids.shape[1]
         if start + t > self.config.max_position_embeddings:

@@ -73,8 +73,10 @@ def distillation_kl(
     averages over the masked-in positions; ``"none"`` returns the (...) per-position values.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have one shape")
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have one shape"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if direction not in DIRECTIONS:
@@ -90,8 +92,10 @@ def distillation_kl(
     kl = kl * temperature**2
     if mask is not None:
         if mask.shape != kl.shape:
-            raise ValueError(f"mask must have shape {tuple(kl.shape)} (the logits without the "
-                             f"vocabulary axis), got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have shape {tuple(kl.shape)} (the logits without the "
+                f"vocabulary axis), got {tuple(mask.shape)}"
+            )
         kl = kl.masked_fill(~mask.bool(), 0.0)
     if reduction == "none":
         return kl
@@ -148,10 +152,17 @@ def build_distillation_set(
     keep those ``verifier(problem, completion)`` accepts (rejection sampling). ``dedupe``
     keeps one copy of identical (problem, completion) pairs."""
     start = time.perf_counter()
-    completions = generate_completions(teacher, problems, greedy=False, temperature=temperature,
-                                       samples=samples_per_problem,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       generator=generator, task=task)
+    completions = generate_completions(
+        teacher,
+        problems,
+        greedy=False,
+        temperature=temperature,
+        samples=samples_per_problem,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        generator=generator,
+        task=task,
+    )
     expanded = [p for p in problems for _ in range(samples_per_problem)]
     kept_p, kept_c, seen = [], [], set()
     for p, c in zip(expanded, completions, strict=True):
@@ -179,21 +190,22 @@ def sft_tensors(
     completion, end token included, is learned.
     """
     if len(problems) != len(completions) or not problems:
-        raise ValueError(f"need as many completions as problems, at least one; got "
-                         f"{len(problems)} and {len(completions)}")
+        raise ValueError(
+            f"need as many completions as problems, at least one; got "
+            f"{len(problems)} and {len(completions)}"
+        )
     task = task or ArithmeticTask.for_problems(problems)
     prompt_len = task.prompt_length
-    rows = [task.tokenizer.encode(p.prompt + c) for p, c in zip(problems, completions,
-                                                                strict=True)]
+    rows = [task.tokenizer.encode(p.prompt + c) for p, c in zip(problems, completions, strict=True)]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), task.eos_token_id, dtype=torch.long)
     targets = torch.full((len(rows), width - 1), -100, dtype=torch.long)
     for i, row in enumerate(rows):
         if len(row) <= prompt_len:
             raise ValueError(f"completion {i} is empty ({completions[i]!r}); drop it")
-        ids[i, :len(row)] = torch.tensor(row)
+        ids[i, : len(row)] = torch.tensor(row)
         # target j is token j + 1: completion tokens sit at prompt_len .. len(row) - 1
-        targets[i, prompt_len - 1:len(row) - 1] = ids[i, prompt_len:len(row)]
+        targets[i, prompt_len - 1 : len(row) - 1] = ids[i, prompt_len : len(row)]
     return ids[:, :-1], targets
 
 
@@ -206,13 +218,16 @@ def sft_batches(
 ) -> Callable[[], tuple[Tensor, Tensor]]:
     """A ``get_batch()`` drawing ``batch_size`` random rows of (inputs, targets)."""
     if inputs.shape != targets.shape or inputs.dim() != 2:
-        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} "
-                         "must both be (n, L)")
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must both be (n, L)"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size > inputs.shape[0]:
-        raise ValueError(f"batch_size={batch_size} is larger than the data ({inputs.shape[0]} "
-                         "rows); use a smaller batch or more examples")
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the data ({inputs.shape[0]} "
+            "rows); use a smaller batch or more examples"
+        )
     if device is not None:
         inputs, targets = inputs.to(device), targets.to(device)
 
@@ -239,16 +254,20 @@ def train_sft(
     next-token cross-entropy on completion tokens only, through
     :func:`course_utils.train.train_language_model` (AdamW, warm-up + cosine, clipping; extra
     keyword arguments go to it). Only parameters with ``requires_grad`` are trained."""
-    problems, completions = ((data.problems, data.completions)
-                             if isinstance(data, DistillationSet) else data)
+    problems, completions = (
+        (data.problems, data.completions) if isinstance(data, DistillationSet) else data
+    )
     if not problems:
-        raise ValueError("no training examples: the distillation set is empty (did the "
-                         "verifier reject every teacher sample?)")
+        raise ValueError(
+            "no training examples: the distillation set is empty (did the "
+            "verifier reject every teacher sample?)"
+        )
     inputs, targets = sft_tensors(problems, completions)
     generator = torch.Generator().manual_seed(seed)
     get_batch = sft_batches(inputs, targets, batch_size, generator, device_of(model))
-    return train_language_model(model, get_batch, steps, lr=lr, progress=progress, desc=desc,
-                                **train_kwargs)
+    return train_language_model(
+        model, get_batch, steps, lr=lr, progress=progress, desc=desc, **train_kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,9 +308,18 @@ def train_logit_distillation(
         loss = alpha * kl + (1 - alpha) * language_model_loss(logits, y)
         return loss, loss
 
-    return train_language_model(student, get_batch, steps, lr=lr, weight_decay=weight_decay,
-                                warmup_frac=warmup_frac, grad_clip=grad_clip,
-                                progress=progress, desc=desc, compute_loss=compute_loss)
+    return train_language_model(
+        student,
+        get_batch,
+        steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_frac=warmup_frac,
+        grad_clip=grad_clip,
+        progress=progress,
+        desc=desc,
+        compute_loss=compute_loss,
+    )
 
 
 def train_on_policy_distillation(
@@ -326,15 +354,21 @@ def train_on_policy_distillation(
     for _ in bar:
         rows = torch.randint(0, len(problems), (batch_size,), generator=pick).tolist()
         prompts = task.encode_prompts([problems[i] for i in rows], device)
-        ids = generate(student, prompts, max_new, temperature=temperature,
-                       eos_token_id=task.eos_token_id, generator=generator)
-        completions = ids[:, prompts.shape[1]:]
+        ids = generate(
+            student,
+            prompts,
+            max_new,
+            temperature=temperature,
+            eos_token_id=task.eos_token_id,
+            generator=generator,
+        )
+        completions = ids[:, prompts.shape[1] :]
         mask = completion_mask(completions, task.eos_token_id)
         inputs = ids[:, :-1]
         with torch.no_grad():
-            teacher_logits = teacher(inputs)[:, prompts.shape[1] - 1:]
+            teacher_logits = teacher(inputs)[:, prompts.shape[1] - 1 :]
         student.train()
-        logits = student(inputs)[:, prompts.shape[1] - 1:]
+        logits = student(inputs)[:, prompts.shape[1] - 1 :]
         loss = distillation_kl(logits, teacher_logits, 1.0, "reverse", mask=mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -138,10 +138,14 @@ def _check_block(block: int | Sequence[int], name: str = "block") -> tuple[int, 
         raise ValueError(f"{name} must be a positive int or a pair of them, got {block!r}")
     if isinstance(block, int):
         block = (block, block)
-    if (not isinstance(block, (tuple, list)) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
-        raise ValueError(f"{name} must be a positive int or a pair (rows, cols) of positive "
-                         f"ints, got {block!r}")
+    if (
+        not isinstance(block, (tuple, list))
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)
+    ):
+        raise ValueError(
+            f"{name} must be a positive int or a pair (rows, cols) of positive ints, got {block!r}"
+        )
     return int(block[0]), int(block[1])
 
 
@@ -160,8 +164,9 @@ def _check_matrix(x: Tensor, name: str) -> None:
 
 def _check_float(x: Tensor, name: str) -> None:
     if not x.is_floating_point() or x.dtype in _FP8_DTYPES:
-        raise ValueError(f"{name} must be a float16/bfloat16/float32/float64 tensor to quantise, "
-                         f"got {x.dtype}")
+        raise ValueError(
+            f"{name} must be a float16/bfloat16/float32/float64 tensor to quantise, got {x.dtype}"
+        )
 
 
 def _padded_blocks(x: Tensor, block: tuple[int, int]) -> Tensor:
@@ -194,8 +199,9 @@ def block_scales(x: Tensor, block: int | Sequence[int], dtype: torch.dtype = E4M
     return _scales_from_amax(amax, dtype)
 
 
-def quantize_blockwise(x: Tensor, block: int | Sequence[int],
-                       dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(
+    x: Tensor, block: int | Sequence[int], dtype: torch.dtype = E4M3
+) -> tuple[Tensor, Tensor]:
     """Quantise a matrix with one scale per block.
 
     x: (R, C) float; block: an int b or a pair (br, bc). Returns ``(q, scales)``: q (R, C) of
@@ -220,8 +226,10 @@ def dequantize_blockwise(q: Tensor, scales: Tensor, block: int | Sequence[int]) 
     want = (-(-rows // br), -(-cols // bc))
     if not isinstance(scales, Tensor) or tuple(scales.shape) != want:
         shape = tuple(scales.shape) if isinstance(scales, Tensor) else type(scales).__name__
-        raise ValueError(f"scales has shape {shape}, but a {rows} x {cols} matrix in {br} x {bc} "
-                         f"blocks needs {want}")
+        raise ValueError(
+            f"scales has shape {shape}, but a {rows} x {cols} matrix in {br} x {bc} "
+            f"blocks needs {want}"
+        )
     blocks = _padded_blocks(q, (br, bc)) * scales.float()[:, None, :, None]
     return blocks.reshape(want[0] * br, want[1] * bc)[:rows, :cols]
 
@@ -248,8 +256,7 @@ def dequantize_per_tensor(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float().reshape(())
 
 
-def quantize_tiles(x: Tensor, tile: int = 128,
-                   dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+def quantize_tiles(x: Tensor, tile: int = 128, dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
     """Activations, DeepSeek-V3 style: one scale per 1 x ``tile`` slice of the last axis.
 
     x: (..., K). Returns q (..., K) of ``dtype`` and scales fp32 (..., ceil(K / tile)): each
@@ -268,14 +275,17 @@ def dequantize_tiles(q: Tensor, scales: Tensor, tile: int = 128) -> Tensor:
     tile = _check_tile(tile)
     lead, k = q.shape[:-1], q.shape[-1]
     if tuple(scales.shape[:-1]) != tuple(lead):
-        raise ValueError(f"scales has shape {tuple(scales.shape)}; for q of shape "
-                         f"{tuple(q.shape)} it must be {(*lead, -(-k // tile))}")
+        raise ValueError(
+            f"scales has shape {tuple(scales.shape)}; for q of shape "
+            f"{tuple(q.shape)} it must be {(*lead, -(-k // tile))}"
+        )
     flat = dequantize_blockwise(q.reshape(-1, k), scales.reshape(-1, scales.shape[-1]), (1, tile))
     return flat.view(*lead, k)
 
 
-def quantize_blocks(w: Tensor, block: int = 128,
-                    dtype: torch.dtype = E4M3) -> tuple[Tensor, Tensor]:
+def quantize_blocks(
+    w: Tensor, block: int = 128, dtype: torch.dtype = E4M3
+) -> tuple[Tensor, Tensor]:
     """Weights, DeepSeek-V3 style: one scale per ``block`` x ``block`` block.
 
     w: (N, K) as nn.Linear stores it. Returns q (N, K) and scales fp32
@@ -289,8 +299,9 @@ def dequantize_blocks(q: Tensor, scales: Tensor, block: int = 128) -> Tensor:
     return dequantize_blockwise(q, scales, _check_tile(block))
 
 
-def quantize_dequantize(x: Tensor, scheme: str, tile: int = 128,
-                        dtype: torch.dtype = E4M3) -> Tensor:
+def quantize_dequantize(
+    x: Tensor, scheme: str, tile: int = 128, dtype: torch.dtype = E4M3
+) -> Tensor:
     """Round trip through FP8 ("fake quantisation"): fp32 tensor of x's shape.
 
     scheme: ``"tensor"`` (one scale), ``"tile"`` (1 x tile along the last axis) or ``"block"``
@@ -317,8 +328,9 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 # -- FP8 GEMM --------------------------------------------------------------------------------
 
 
-def _check_gemm_operands(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor,
-                         tile: int) -> tuple[int, int, int, int]:
+def _check_gemm_operands(
+    a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor, tile: int
+) -> tuple[int, int, int, int]:
     tile = _check_tile(tile)
     _check_matrix(a_q, "a_q")
     _check_matrix(b_q, "b_q")
@@ -327,21 +339,28 @@ def _check_gemm_operands(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: T
             raise ValueError(f"{name} must be an FP8 tensor (quantise it first), got {t.dtype}")
     (m, k), (n, k_b) = a_q.shape, b_q.shape
     if k != k_b:
-        raise ValueError(f"inner dimensions differ: a_q is {m} x {k}, b_q is {n} x {k_b} "
-                         "(b is stored (N, K) like nn.Linear.weight)")
+        raise ValueError(
+            f"inner dimensions differ: a_q is {m} x {k}, b_q is {n} x {k_b} "
+            "(b is stored (N, K) like nn.Linear.weight)"
+        )
     n_k = -(-k // tile)
     if tuple(a_scales.shape) != (m, n_k):
-        raise ValueError(f"a_scales must be (M, ceil(K / tile)) = {(m, n_k)} for 1 x {tile} "
-                         f"tiles, got {tuple(a_scales.shape)}")
+        raise ValueError(
+            f"a_scales must be (M, ceil(K / tile)) = {(m, n_k)} for 1 x {tile} "
+            f"tiles, got {tuple(a_scales.shape)}"
+        )
     if tuple(b_scales.shape) != (-(-n // tile), n_k):
-        raise ValueError(f"b_scales must be (ceil(N / tile), ceil(K / tile)) = "
-                         f"{(-(-n // tile), n_k)} for {tile} x {tile} blocks, got "
-                         f"{tuple(b_scales.shape)}")
+        raise ValueError(
+            f"b_scales must be (ceil(N / tile), ceil(K / tile)) = "
+            f"{(-(-n // tile), n_k)} for {tile} x {tile} blocks, got "
+            f"{tuple(b_scales.shape)}"
+        )
     return m, n, k, tile
 
 
-def fp8_gemm_blockwise(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor,
-                       tile: int = 128) -> Tensor:
+def fp8_gemm_blockwise(
+    a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor, tile: int = 128
+) -> Tensor:
     """``a @ b.T`` from FP8 operands with fine-grained scales, accumulated in fp32 (simulated).
 
     a_q: (M, K) FP8 activations with a_scales (M, ceil(K / tile)) from :func:`quantize_tiles`;
@@ -356,7 +375,7 @@ def fp8_gemm_blockwise(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Ten
     m, n, k, tile = _check_gemm_operands(a_q, a_scales, b_q, b_scales, tile)
     out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     for j, k0 in enumerate(range(0, k, tile)):
-        partial = a_q[:, k0:k0 + tile].float() @ b_q[:, k0:k0 + tile].float().T
+        partial = a_q[:, k0 : k0 + tile].float() @ b_q[:, k0 : k0 + tile].float().T
         b_col_scale = b_scales[:, j].float().repeat_interleave(tile)[:n]
         out += partial * (a_scales[:, j, None].float() * b_col_scale[None, :])
     return out
@@ -370,8 +389,9 @@ def scaled_mm_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm_scaled_mm(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor,
-                       tile: int = 128) -> Tensor:
+def fp8_gemm_scaled_mm(
+    a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Tensor, tile: int = 128
+) -> Tensor:
     """:func:`fp8_gemm_blockwise` with each slice's FP8 product done by ``torch._scaled_mm``.
 
     Same arguments and result (fp32 (M, N)). Each ``tile``-wide slice of K is one FP8 GEMM on the
@@ -382,11 +402,15 @@ def fp8_gemm_scaled_mm(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Ten
     """
     m, n, k, tile = _check_gemm_operands(a_q, a_scales, b_q, b_scales, tile)
     if tile % 16:
-        raise ValueError(f"torch._scaled_mm needs K slices that are multiples of 16; tile={tile} "
-                         "is not (use 16, 32, ..., 128, or the simulated GEMM)")
+        raise ValueError(
+            f"torch._scaled_mm needs K slices that are multiples of 16; tile={tile} "
+            "is not (use 16, 32, ..., 128, or the simulated GEMM)"
+        )
     if a_q.device.type == "cuda" and not scaled_mm_supported(a_q.device):
-        raise RuntimeError(f"{a_q.device} has no FP8 GEMM (needs compute capability >= 8.9); "
-                           "use fp8_gemm_blockwise")
+        raise RuntimeError(
+            f"{a_q.device} has no FP8 GEMM (needs compute capability >= 8.9); "
+            "use fp8_gemm_blockwise"
+        )
     out = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
     if m == 0 or n == 0 or k == 0:
         return out
@@ -395,8 +419,8 @@ def fp8_gemm_scaled_mm(a_q: Tensor, a_scales: Tensor, b_q: Tensor, b_scales: Ten
     b_p = F.pad(b_q.view(torch.uint8), (0, n_k * tile - k, 0, n_pad - n)).view(b_q.dtype)
     one = torch.ones((), dtype=torch.float32, device=a_q.device)
     for j in range(n_k):
-        a_j = a_p[:, j * tile:(j + 1) * tile].contiguous()  # (M, tile), row-major
-        b_j = b_p[:, j * tile:(j + 1) * tile].contiguous().t()  # (tile, N), column-major
+        a_j = a_p[:, j * tile : (j + 1) * tile].contiguous()  # (M, tile), row-major
+        b_j = b_p[:, j * tile : (j + 1) * tile].contiguous().t()  # (tile, N), column-major
         partial = torch._scaled_mm(a_j, b_j, scale_a=one, scale_b=one, out_dtype=torch.float32)
         if isinstance(partial, tuple):  # torch < 2.4 also returned amax
             partial = partial[0]
@@ -424,9 +448,13 @@ def round_to_mantissa_bits(x: Tensor, bits: int, mode: str = "truncate") -> Tens
     return torch.ldexp(kept / 2.0**bits, exponent)
 
 
-def limited_precision_matmul(a: Tensor, b: Tensor, accumulator_bits: int = 14,
-                             promote_every: int | None = None,
-                             mode: str = "truncate") -> Tensor:
+def limited_precision_matmul(
+    a: Tensor,
+    b: Tensor,
+    accumulator_bits: int = 14,
+    promote_every: int | None = None,
+    mode: str = "truncate",
+) -> Tensor:
     """``a @ b.T`` summed one product at a time in an accumulator of ``accumulator_bits``.
 
     a: (M, K), b: (N, K) -> fp64 (M, N). Products are exact (fp64); after every addition the
@@ -440,16 +468,18 @@ def limited_precision_matmul(a: Tensor, b: Tensor, accumulator_bits: int = 14,
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a is {tuple(a.shape)} and b is {tuple(b.shape)}: both must be (., K)")
     k = a.shape[1]
-    if promote_every is not None and (isinstance(promote_every, bool)
-                                      or not isinstance(promote_every, int) or promote_every < 1):
+    if promote_every is not None and (
+        isinstance(promote_every, bool) or not isinstance(promote_every, int) or promote_every < 1
+    ):
         raise ValueError(f"promote_every must be a positive int or None, got {promote_every!r}")
     interval = promote_every or k
     a64, b64 = a.double(), b.double()
     total = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     narrow = torch.zeros_like(total)
     for i in range(k):
-        narrow = round_to_mantissa_bits(narrow + a64[:, i, None] * b64[None, :, i],
-                                        accumulator_bits, mode)
+        narrow = round_to_mantissa_bits(
+            narrow + a64[:, i, None] * b64[None, :, i], accumulator_bits, mode
+        )
         if (i + 1) % interval == 0 or i == k - 1:
             total += narrow
             narrow = torch.zeros_like(total)
@@ -507,9 +537,16 @@ class FP8Linear(nn.Linear):
     simulated). ``last_backend`` records which one the latest forward used.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, tile: int = 128,
-                 backend: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        tile: int = 128,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.tile = _check_tile(tile)
         if backend not in _BACKENDS:
@@ -524,8 +561,14 @@ class FP8Linear(nn.Linear):
         """An FP8Linear that shares ``linear``'s weight and bias Parameters (no copy)."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  tile=tile, backend=backend, device="meta")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            tile=tile,
+            backend=backend,
+            device="meta",
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
@@ -534,8 +577,9 @@ class FP8Linear(nn.Linear):
     def resolve_backend(self, device: torch.device) -> str:
         """The backend a forward on ``device`` uses."""
         if self.backend == "auto":
-            return "scaled_mm" if scaled_mm_supported(device) and self.tile % 16 == 0 \
-                else "simulated"
+            return (
+                "scaled_mm" if scaled_mm_supported(device) and self.tile % 16 == 0 else "simulated"
+            )
         return self.backend
 
     def forward(self, x: Tensor) -> Tensor:
@@ -544,8 +588,9 @@ class FP8Linear(nn.Linear):
         backend = self.resolve_backend(x.device)
         self.last_backend = backend
         lead = x.shape[:-1]
-        y = _FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, self.tile,
-                                     backend)
+        y = _FP8LinearFunction.apply(
+            x.reshape(-1, self.in_features), self.weight, self.tile, backend
+        )
         y = y.view(*lead, self.out_features)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
@@ -557,8 +602,9 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def convert_linears_to_fp8(module: nn.Module, skip: Sequence[str] | None = None,
-                           tile: int = 128, backend: str = "auto") -> nn.Module:
+def convert_linears_to_fp8(
+    module: nn.Module, skip: Sequence[str] | None = None, tile: int = 128, backend: str = "auto"
+) -> nn.Module:
     """Swap every ``nn.Linear`` inside ``module`` for an :class:`FP8Linear`, in place.
 
     The new layers share the old Parameters, so ``state_dict`` keys and values are unchanged and
@@ -573,20 +619,27 @@ def convert_linears_to_fp8(module: nn.Module, skip: Sequence[str] | None = None,
     _check_tile(tile)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    linears = [name for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and name]
+    linears = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and name
+    ]
     if skip is None:
-        patterns: tuple[str, ...] = ("lm_head",) if any(_matches(n, "lm_head")
-                                                         for n in linears) else ()
+        patterns: tuple[str, ...] = (
+            ("lm_head",) if any(_matches(n, "lm_head") for n in linears) else ()
+        )
     else:
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
-            raise ValueError(f"skip must be a tuple of module names, e.g. ('lm_head',), got "
-                             f"{skip!r}")
+            raise ValueError(
+                f"skip must be a tuple of module names, e.g. ('lm_head',), got {skip!r}"
+            )
         patterns = tuple(skip)
         for pattern in patterns:
             if not any(_matches(n, pattern) for n in linears):
-                raise ValueError(f"skip entry {pattern!r} matches no nn.Linear in the module; "
-                                 f"its linear layers are {linears}")
+                raise ValueError(
+                    f"skip entry {pattern!r} matches no nn.Linear in the module; "
+                    f"its linear layers are {linears}"
+                )
     if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear):
         raise ValueError("module is itself an nn.Linear: use FP8Linear.from_linear(module)")
     for name in linears:

@@ -83,7 +83,10 @@ def generate(
             model.train()
     if return_logits:
         vocab = step_logits[0].shape[-1] if step_logits else 0
-        stacked = (torch.stack(step_logits, dim=1) if step_logits
-                   else ids.new_zeros((batch, 0, vocab), dtype=torch.float32))
+        stacked = (
+            torch.stack(step_logits, dim=1)
+            if step_logits
+            else ids.new_zeros((batch, 0, vocab), dtype=torch.float32)
+        )
         return ids, stacked
     return ids

@@ -95,8 +95,12 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
-                   device: torch.device | str | None = "cpu") -> float:
+def median_seconds(
+    fn: Callable[[], Any],
+    repeats: int = 5,
+    warmup: int = 1,
+    device: torch.device | str | None = "cpu",
+) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls.
 
     On a GPU, work is queued asynchronously: the device is synchronised before the clock starts
@@ -122,8 +126,12 @@ def _check_float_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
 
 
-def measure_matmul_flops(n: int = 1024, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str | None = "cpu", repeats: int = 5) -> float:
+def measure_matmul_flops(
+    n: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = "cpu",
+    repeats: int = 5,
+) -> float:
     """FLOP/s of ``torch.mm`` on two (n, n) matrices: 2 n^3 FLOPs / median seconds.
 
     A large square matmul reuses every loaded number n times, so it runs near the machine's
@@ -142,9 +150,13 @@ def measure_matmul_flops(n: int = 1024, dtype: torch.dtype = torch.float32,
     return 2 * n**3 / seconds
 
 
-def measure_bandwidth(n_bytes: int = 64 * 2**20, kind: str = "copy",
-                      device: torch.device | str | None = "cpu", repeats: int = 5,
-                      dtype: torch.dtype = torch.float32) -> float:
+def measure_bandwidth(
+    n_bytes: int = 64 * 2**20,
+    kind: str = "copy",
+    device: torch.device | str | None = "cpu",
+    repeats: int = 5,
+    dtype: torch.dtype = torch.float32,
+) -> float:
     """Bytes per second moved by a large elementwise operation: bytes moved / median seconds.
 
     ``kind="copy"``: ``dst.copy_(src)`` reads and writes ``n_bytes`` each (2 x n_bytes moved).
@@ -168,8 +180,7 @@ def measure_bandwidth(n_bytes: int = 64 * 2**20, kind: str = "copy",
     else:
         b = torch.rand(numel, device=device).to(dtype)
         moved = 3 * numel * elem
-        seconds = median_seconds(lambda: torch.add(a, b, out=c), repeats, warmup=1,
-                                 device=device)
+        seconds = median_seconds(lambda: torch.add(a, b, out=c), repeats, warmup=1, device=device)
     return moved / seconds
 
 
@@ -199,8 +210,10 @@ class Intensity:
         return self.flops / self.bytes
 
     def __str__(self) -> str:
-        return (f"{self.name}: {self.flops:.3g} FLOPs, {self.bytes:.3g} bytes, "
-                f"{self.flops_per_byte:.3g} FLOPs/byte")
+        return (
+            f"{self.name}: {self.flops:.3g} FLOPs, {self.bytes:.3g} bytes, "
+            f"{self.flops_per_byte:.3g} FLOPs/byte"
+        )
 
 
 def _check_positive(**values: int) -> None:
@@ -215,8 +228,9 @@ def elementwise_add_intensity(n: int, dtype_bytes: int = 4) -> Intensity:
     return Intensity(f"add of {n:,} elements", n, 3 * n * dtype_bytes)
 
 
-def gemm_intensity(m: int, n: int, k: int, in_bytes: int = 2, out_bytes: int | None = None,
-                   name: str | None = None) -> Intensity:
+def gemm_intensity(
+    m: int, n: int, k: int, in_bytes: int = 2, out_bytes: int | None = None, name: str | None = None
+) -> Intensity:
     """C = A @ B with A (m, k) and B (k, n): 2 m n k FLOPs; reads A and B at ``in_bytes`` per
     element and writes C (m, n) at ``out_bytes`` (default ``in_bytes``)."""
     _check_positive(m=m, n=n, k=k, in_bytes=in_bytes)
@@ -226,8 +240,7 @@ def gemm_intensity(m: int, n: int, k: int, in_bytes: int = 2, out_bytes: int | N
     return Intensity(name or f"GEMM {m}x{k} @ {k}x{n}", 2 * m * n * k, traffic)
 
 
-def fp8_gemm_intensity(m: int, n: int, k: int, out_bytes: int = 2, block: int = 128
-                       ) -> Intensity:
+def fp8_gemm_intensity(m: int, n: int, k: int, out_bytes: int = 2, block: int = 128) -> Intensity:
     """An FP8 GEMM the DeepSeek-V3 way: activations A (m, k) and weights B (k, n) stored at 1
     byte per element, with one float32 scale per 1 x ``block`` activation tile and per
     ``block`` x ``block`` weight block; the output C (m, n) written at ``out_bytes`` (BF16: 2).
@@ -242,8 +255,14 @@ def fp8_gemm_intensity(m: int, n: int, k: int, out_bytes: int = 2, block: int = 
     return Intensity(f"FP8 GEMM {m}x{k} @ {k}x{n}", 2 * m * n * k, traffic)
 
 
-def attention_intensity(seq_q: int, seq_k: int, head_dim: int, v_head_dim: int | None = None,
-                        dtype_bytes: int = 2, materialize_scores: bool = True) -> Intensity:
+def attention_intensity(
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    dtype_bytes: int = 2,
+    materialize_scores: bool = True,
+) -> Intensity:
     """Attention of one head (no causal skipping): O = softmax(Q K^T * scale) V.
 
     FLOPs: 2 seq_q seq_k head_dim (Q K^T) + 2 seq_q seq_k v_head_dim (P V).
@@ -254,19 +273,22 @@ def attention_intensity(seq_q: int, seq_k: int, head_dim: int, v_head_dim: int |
     chip.
     """
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
-    _check_positive(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim, v_head_dim=v_head_dim,
-                    dtype_bytes=dtype_bytes)
+    _check_positive(
+        seq_q=seq_q, seq_k=seq_k, head_dim=head_dim, v_head_dim=v_head_dim, dtype_bytes=dtype_bytes
+    )
     flops = 2 * seq_q * seq_k * (head_dim + v_head_dim)
     elements = seq_q * head_dim + seq_k * (head_dim + v_head_dim) + seq_q * v_head_dim
     if materialize_scores:
         elements += 4 * seq_q * seq_k
     kind = "naive" if materialize_scores else "tiled"
-    return Intensity(f"{kind} attention, {seq_q} queries x {seq_k} keys, one head", flops,
-                     elements * dtype_bytes)
+    return Intensity(
+        f"{kind} attention, {seq_q} queries x {seq_k} keys, one head", flops, elements * dtype_bytes
+    )
 
 
-def mla_decode_intensity(config: MLAConfig, context: int, batch: int = 1,
-                         absorbed: bool = True, dtype_bytes: int = 2) -> Intensity:
+def mla_decode_intensity(
+    config: MLAConfig, context: int, batch: int = 1, absorbed: bool = True, dtype_bytes: int = 2
+) -> Intensity:
     """One decode step of one MLA layer's attention core: ``batch`` sequences, one new query
     token each, attending to ``context`` cached tokens (latent ``c_kv`` + shared ``k_pe``).
 
@@ -286,8 +308,13 @@ def mla_decode_intensity(config: MLAConfig, context: int, batch: int = 1,
     """
     _check_positive(context=context, batch=batch, dtype_bytes=dtype_bytes)
     c = config
-    h, r, dn, dr, dv = (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim,
-                        c.qk_rope_head_dim, c.v_head_dim)
+    h, r, dn, dr, dv = (
+        c.num_attention_heads,
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+    )
     b, t = batch, context
     elements = b * t * (r + dr) + h * (dn + dv) * r + b * h * (dn + dr) + b * h * dv
     if absorbed:
@@ -296,20 +323,25 @@ def mla_decode_intensity(config: MLAConfig, context: int, batch: int = 1,
         flops = 2 * b * t * r * h * (dn + dv) + 2 * b * h * t * (dn + dr + dv)
         elements += 2 * b * t * h * (dn + dv)
     kind = "absorbed" if absorbed else "naive"
-    return Intensity(f"MLA decode ({kind}), batch {batch}, context {context:,}", flops,
-                     elements * dtype_bytes)
+    return Intensity(
+        f"MLA decode ({kind}), batch {batch}, context {context:,}", flops, elements * dtype_bytes
+    )
 
 
 def tokens_per_expert(n_tokens: int, n_routed_experts: int, num_experts_per_tok: int) -> float:
     """Average tokens one routed expert receives when ``n_tokens`` tokens each pick
     ``num_experts_per_tok`` of ``n_routed_experts``: n_tokens * k / E."""
-    _check_positive(n_tokens=n_tokens, n_routed_experts=n_routed_experts,
-                    num_experts_per_tok=num_experts_per_tok)
+    _check_positive(
+        n_tokens=n_tokens,
+        n_routed_experts=n_routed_experts,
+        num_experts_per_tok=num_experts_per_tok,
+    )
     return n_tokens * num_experts_per_tok / n_routed_experts
 
 
-def moe_expert_intensity(tokens: int, hidden_size: int, moe_intermediate_size: int,
-                         dtype_bytes: int = 2) -> Intensity:
+def moe_expert_intensity(
+    tokens: int, hidden_size: int, moe_intermediate_size: int, dtype_bytes: int = 2
+) -> Intensity:
     """One routed SwiGLU expert applied to ``tokens`` tokens (its three GEMMs, fused).
 
     FLOPs: 3 GEMMs of 2 tokens hidden_size moe_intermediate_size each. Bytes: the expert's
@@ -318,8 +350,12 @@ def moe_expert_intensity(tokens: int, hidden_size: int, moe_intermediate_size: i
     stay on chip. With few tokens per expert the weights dominate: intensity ~ 2 tokens /
     dtype_bytes, which is why MoE decoding is memory-bound unless experts see many tokens.
     """
-    _check_positive(tokens=tokens, hidden_size=hidden_size,
-                    moe_intermediate_size=moe_intermediate_size, dtype_bytes=dtype_bytes)
+    _check_positive(
+        tokens=tokens,
+        hidden_size=hidden_size,
+        moe_intermediate_size=moe_intermediate_size,
+        dtype_bytes=dtype_bytes,
+    )
     flops = 3 * 2 * tokens * hidden_size * moe_intermediate_size
     elements = 3 * hidden_size * moe_intermediate_size + 2 * tokens * hidden_size
     return Intensity(f"MoE expert, {tokens} tokens", flops, elements * dtype_bytes)
@@ -343,8 +379,9 @@ def roofline_seconds(op: Intensity, peak_flops: float, bandwidth: float) -> floa
     return max(op.flops / peak_flops, op.bytes / bandwidth)
 
 
-def attainable_flops(intensity: float | np.ndarray, peak_flops: float, bandwidth: float
-                     ) -> float | np.ndarray:
+def attainable_flops(
+    intensity: float | np.ndarray, peak_flops: float, bandwidth: float
+) -> float | np.ndarray:
     """The roofline: min(peak FLOP/s, intensity x bandwidth), elementwise for arrays."""
     if peak_flops <= 0 or bandwidth <= 0:
         raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
@@ -369,7 +406,7 @@ def online_softmax(x: Tensor, block_size: int) -> Tensor:
     m = torch.full(x.shape[:-1] + (1,), float("-inf"), device=x.device)
     l = torch.zeros_like(m)
     for start in range(0, x.shape[-1], block_size):
-        block = x32[..., start:start + block_size]
+        block = x32[..., start : start + block_size]
         m_new = torch.maximum(m, block.amax(dim=-1, keepdim=True))
         # A row whose entries so far are all -inf keeps m = -inf; shift by 0 there, not -inf.
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
@@ -381,23 +418,31 @@ def online_softmax(x: Tensor, block_size: int) -> Tensor:
 
 def _check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, dim), got shapes "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (batch, heads, seq, dim), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"q, k, v need the same batch and heads, got {tuple(q.shape[:2])}, "
-                         f"{tuple(k.shape[:2])}, {tuple(v.shape[:2])}")
+        raise ValueError(
+            f"q, k, v need the same batch and heads, got {tuple(q.shape[:2])}, "
+            f"{tuple(k.shape[:2])}, {tuple(v.shape[:2])}"
+        )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k need the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v need the same number of keys, got {k.shape[-2]} and "
-                         f"{v.shape[-2]}")
+        raise ValueError(
+            f"k and v need the same number of keys, got {k.shape[-2]} and {v.shape[-2]}"
+        )
     if causal and q.shape[-2] > k.shape[-2]:
-        raise ValueError(f"causal attention needs at least as many keys as queries (the queries "
-                         f"are the last ones), got {q.shape[-2]} queries and {k.shape[-2]} keys")
+        raise ValueError(
+            f"causal attention needs at least as many keys as queries (the queries "
+            f"are the last ones), got {q.shape[-2]} queries and {k.shape[-2]} keys"
+        )
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
-                    scale: float | None = None) -> Tensor:
+def naive_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float | None = None
+) -> Tensor:
     """softmax(q k^T * scale) v with the whole (seq_q x seq_k) score matrix in memory.
 
     The course's from-scratch attention (``course_utils.attention``), named here as the
@@ -410,8 +455,15 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
     return scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-def tiled_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False,
-                    block_q: int = 64, block_k: int = 64, scale: float | None = None) -> Tensor:
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    block_q: int = 64,
+    block_k: int = 64,
+    scale: float | None = None,
+) -> Tensor:
     """Attention computed tile by tile with an online softmax; the score matrix never exists.
 
     q (batch, heads, seq_q, d), k (batch, heads, seq_k, d), v (batch, heads, seq_k, dv)
@@ -475,9 +527,17 @@ class AttentionMemory:
         return self.score_matrix_bytes / self.tile_bytes
 
 
-def attention_memory(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: int,
-                     v_head_dim: int | None = None, block_q: int = 64, block_k: int = 64,
-                     dtype_bytes: int = 4) -> AttentionMemory:
+def attention_memory(
+    batch: int,
+    heads: int,
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+    dtype_bytes: int = 4,
+) -> AttentionMemory:
     """Bytes of the score matrix that tiled attention avoids vs the bytes of its largest tile.
 
     Counted for float32 scores by default (``dtype_bytes=4``), as both implementations here
@@ -485,13 +545,22 @@ def attention_memory(batch: int, heads: int, seq_q: int, seq_k: int, head_dim: i
     max(min(block_k, seq_k), v_head_dim) (a score tile, or an output accumulator tile).
     """
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
-    _check_positive(batch=batch, heads=heads, seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
-                    v_head_dim=v_head_dim, block_q=block_q, block_k=block_k,
-                    dtype_bytes=dtype_bytes)
+    _check_positive(
+        batch=batch,
+        heads=heads,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        block_q=block_q,
+        block_k=block_k,
+        dtype_bytes=dtype_bytes,
+    )
     rows = min(block_q, seq_q)
     cols = max(min(block_k, seq_k), v_head_dim)
-    return AttentionMemory(batch * heads * seq_q * seq_k * dtype_bytes,
-                           batch * heads * rows * cols * dtype_bytes)
+    return AttentionMemory(
+        batch * heads * seq_q * seq_k * dtype_bytes, batch * heads * rows * cols * dtype_bytes
+    )
 
 
 def _tensors_in(obj: Any) -> list[Tensor]:
@@ -533,13 +602,15 @@ class _NewTensorRecorder(TorchFunctionMode):
             ptr = _storage_ptr(t)
             if ptr not in inputs:  # a view or an in-place result shares an input's storage
                 name = getattr(func, "__name__", str(func))
-                self.records.append((ptr, NewTensor(name, tuple(t.shape), t.dtype,
-                                                    t.numel() * t.element_size())))
+                self.records.append(
+                    (ptr, NewTensor(name, tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+                )
         return result
 
 
-def trace_new_tensors(fn: Callable[..., Any], *args: Any, **kwargs: Any
-                      ) -> tuple[Any, list[NewTensor]]:
+def trace_new_tensors(
+    fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[Any, list[NewTensor]]:
     """Run ``fn(*args, **kwargs)`` and list, in order, every tensor its torch calls create.
 
     Returns (result, records). Every torch function called inside is watched (through
@@ -555,17 +626,18 @@ def trace_new_tensors(fn: Callable[..., Any], *args: Any, **kwargs: Any
     return result, [rec for ptr, rec in recorder.records if ptr not in returned]
 
 
-def largest_intermediate_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any
-                               ) -> tuple[Any, int]:
+def largest_intermediate_bytes(
+    fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> tuple[Any, int]:
     """Run ``fn(*args, **kwargs)``; return (result, bytes of the largest tensor it created
     along the way), as :func:`trace_new_tensors` sees them (0 if none)."""
     result, records = trace_new_tensors(fn, *args, **kwargs)
     return result, max((rec.bytes for rec in records), default=0)
 
 
-def cuda_peak_memory_bytes(fn: Callable[..., Any], *args: Any,
-                           device: torch.device | str | None = None, **kwargs: Any
-                           ) -> tuple[Any, int]:
+def cuda_peak_memory_bytes(
+    fn: Callable[..., Any], *args: Any, device: torch.device | str | None = None, **kwargs: Any
+) -> tuple[Any, int]:
     """Run ``fn(*args, **kwargs)`` on a CUDA device; return (result, peak bytes allocated
     beyond what was allocated before the call), from ``torch.cuda.max_memory_allocated``.
 
@@ -573,12 +645,16 @@ def cuda_peak_memory_bytes(fn: Callable[..., Any], *args: Any,
     :func:`largest_intermediate_bytes`, which works everywhere).
     """
     if not torch.cuda.is_available():
-        raise RuntimeError("cuda_peak_memory_bytes needs a CUDA device and torch sees none; "
-                           "use largest_intermediate_bytes, which works on any device")
+        raise RuntimeError(
+            "cuda_peak_memory_bytes needs a CUDA device and torch sees none; "
+            "use largest_intermediate_bytes, which works on any device"
+        )
     device = torch.device("cuda") if device is None else torch.device(device)
     if device.type != "cuda":
-        raise RuntimeError(f"cuda_peak_memory_bytes measures CUDA memory, got device {device}; "
-                           "use largest_intermediate_bytes on other devices")
+        raise RuntimeError(
+            f"cuda_peak_memory_bytes measures CUDA memory, got device {device}; "
+            "use largest_intermediate_bytes on other devices"
+        )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -628,23 +704,31 @@ def triton_available(device: torch.device | str | None = None) -> Availability:
     try:
         triton, _ = _import_triton()
     except Exception as err:  # ImportError, or a broken install that fails on import
-        return Availability(False, f"the triton package cannot be imported ({type(err).__name__}"
-                                   f": {err}); PyTorch's CPU builds do not ship it")
+        return Availability(
+            False,
+            f"the triton package cannot be imported ({type(err).__name__}"
+            f": {err}); PyTorch's CPU builds do not ship it",
+        )
     version = getattr(triton, "__version__", "?")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return Availability(False, "torch sees no CUDA device")
         major, minor = torch.cuda.get_device_capability(device)
         if major < 7:
-            return Availability(False, f"compute capability {major}.{minor} is below the 7.0 "
-                                       "Triton needs")
+            return Availability(
+                False, f"compute capability {major}.{minor} is below the 7.0 Triton needs"
+            )
         name = torch.cuda.get_device_name(device)
-        return Availability(True, f"Triton {version} on {name} (compute capability "
-                                  f"{major}.{minor})")
+        return Availability(
+            True, f"Triton {version} on {name} (compute capability {major}.{minor})"
+        )
     if device.type == "cpu" and _triton_interpreting():
         return Availability(True, f"Triton {version} interpreter (TRITON_INTERPRET=1) on the CPU")
-    return Availability(False, f"Triton kernels run on CUDA GPUs and this device is {device} "
-                               "(set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU)")
+    return Availability(
+        False,
+        f"Triton kernels run on CUDA GPUs and this device is {device} "
+        "(set TRITON_INTERPRET=1 to run Triton's interpreter on the CPU)",
+    )
 
 
 _TRITON_KERNELS: dict[bool, Any] = {}
@@ -657,8 +741,9 @@ def _rmsnorm_kernel() -> Any:
         return _TRITON_KERNELS[interpreting]
     triton, tl = _import_triton()
 
-    def rmsnorm_forward(x_ptr, w_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, eps,
-                        BLOCK: tl.constexpr):
+    def rmsnorm_forward(
+        x_ptr, w_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, eps, BLOCK: tl.constexpr
+    ):
         # One program normalises one row: load it once, reduce, scale, store. In PyTorch the
         # same RMSNorm is ~5 kernels, each reading and writing the whole tensor.
         row = tl.program_id(0)
@@ -670,8 +755,9 @@ def _rmsnorm_kernel() -> Any:
         # As course_utils.layers.RMSNorm: round to x's dtype, then multiply by the weight.
         normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * y_row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            y_ptr + row * y_row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=mask
+        )
 
     kernel = triton.jit(rmsnorm_forward)
     _TRITON_KERNELS[interpreting] = kernel
@@ -684,17 +770,21 @@ _MAX_TRITON_ROW = 65536
 def _launch_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Any]:
     availability = triton_available(x.device)
     if not availability:
-        raise RuntimeError(f"rmsnorm_triton cannot run: {availability.reason}. "
-                           "Use course_utils.layers.RMSNorm instead")
+        raise RuntimeError(
+            f"rmsnorm_triton cannot run: {availability.reason}. "
+            "Use course_utils.layers.RMSNorm instead"
+        )
     n = x.shape[-1]
     if weight.shape != (n,):
-        raise ValueError(f"weight must have shape ({n},) to match x's last dimension, got "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape ({n},) to match x's last dimension, got {tuple(weight.shape)}"
+        )
     if weight.device != x.device:
         raise ValueError(f"x is on {x.device} and weight on {weight.device}; move them together")
     if n > _MAX_TRITON_ROW:
-        raise ValueError(f"rows of more than {_MAX_TRITON_ROW} elements do not fit one Triton "
-                         f"block, got {n}")
+        raise ValueError(
+            f"rows of more than {_MAX_TRITON_ROW} elements do not fit one Triton block, got {n}"
+        )
     triton, _ = _import_triton()
     rows = x.reshape(-1, n)
     if rows.stride(-1) != 1:
@@ -703,8 +793,16 @@ def _launch_rmsnorm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Any]
     y = torch.empty(rows.shape, device=x.device, dtype=out_dtype)
     block = triton.next_power_of_2(n)
     compiled = _rmsnorm_kernel()[(rows.shape[0],)](
-        rows, weight.contiguous(), y, n, rows.stride(0), y.stride(0), eps, BLOCK=block,
-        num_warps=4 if block <= 2048 else 8)
+        rows,
+        weight.contiguous(),
+        y,
+        n,
+        rows.stride(0),
+        y.stride(0),
+        eps,
+        BLOCK=block,
+        num_warps=4 if block <= 2048 else 8,
+    )
     return y.view(x.shape), compiled
 
 
@@ -725,8 +823,10 @@ def rmsnorm_triton_ptx(x: Tensor, weight: Tensor, eps: float = 1e-6) -> str:
     _, compiled = _launch_rmsnorm(x, weight, eps)
     asm = getattr(compiled, "asm", None)
     if not asm or "ptx" not in asm:
-        raise RuntimeError("this Triton launch produced no PTX (the interpreter compiles "
-                           "nothing); run on a CUDA device")
+        raise RuntimeError(
+            "this Triton launch produced no PTX (the interpreter compiles "
+            "nothing); run on a CUDA device"
+        )
     return asm["ptx"]
 
 
@@ -769,11 +869,13 @@ def torch_compile_available(device: torch.device | str | None = "cpu") -> Availa
         got = torch.compile(probe)(x)
         if not torch.allclose(got, probe(x), atol=1e-6):
             raise RuntimeError("the compiled probe computed a different result")
-        result = Availability(True, f"torch.compile works on {device.type} "
-                                    f"(torch {torch.__version__})")
+        result = Availability(
+            True, f"torch.compile works on {device.type} (torch {torch.__version__})"
+        )
     except Exception as err:  # report why, never crash the caller
         first_line = str(err).strip().split("\n")[0][:300]
-        result = Availability(False, f"torch.compile failed on {device.type}: "
-                                     f"{type(err).__name__}: {first_line}")
+        result = Availability(
+            False, f"torch.compile failed on {device.type}: {type(err).__name__}: {first_line}"
+        )
     _COMPILE_CHECKS[device.type] = result
     return result

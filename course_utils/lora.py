@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoRALinear", "apply_lora", "merge_lora", "lora_parameters", "trainable_parameters",
-           "count_parameters"]
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "merge_lora",
+    "lora_parameters",
+    "trainable_parameters",
+    "count_parameters",
+]
 
 
 class LoRALinear(nn.Module):
@@ -40,17 +46,20 @@ class LoRALinear(nn.Module):
     ``module.weight`` (MLA's absorbed attention does) sees the adapted weights.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float | None = None,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Linear, r: int, alpha: float | None = None, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"rank r must be a positive int, got {r!r}")
         if r > min(base.in_features, base.out_features):
-            raise ValueError(f"rank r={r} is larger than the layer ({base.out_features} x "
-                             f"{base.in_features}): a low-rank update needs r <= "
-                             f"{min(base.in_features, base.out_features)}")
+            raise ValueError(
+                f"rank r={r} is larger than the layer ({base.out_features} x "
+                f"{base.in_features}): a low-rank update needs r <= "
+                f"{min(base.in_features, base.out_features)}"
+            )
         if alpha is not None and alpha <= 0:
             raise ValueError(f"alpha must be > 0 (or None for alpha = r), got {alpha}")
         if not 0.0 <= dropout < 1.0:
@@ -62,10 +71,10 @@ class LoRALinear(nn.Module):
         self.alpha = float(r if alpha is None else alpha)
         self.scaling = self.alpha / r
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device,
-                                               dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device,
-                                               dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype)
+        )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -94,8 +103,13 @@ class LoRALinear(nn.Module):
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` whose weight is W + (alpha / r) B A (frozen, like W was)."""
         base = self.base
-        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                        device=base.weight.device, dtype=base.weight.dtype)
+        out = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         out.weight.copy_(self.weight)
         if base.bias is not None:
             out.bias.copy_(base.bias)
@@ -103,8 +117,10 @@ class LoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}"
+        )
 
 
 Target = Sequence[str] | str | Callable[[str, nn.Module], bool]
@@ -115,15 +131,21 @@ def _matcher(target: Target) -> Callable[[str, nn.Module], bool]:
         return target
     names = (target,) if isinstance(target, str) else tuple(target)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"target must be layer names (e.g. ('q_proj', 'o_proj')) or a "
-                         f"predicate (name, module) -> bool, got {target!r}")
+        raise ValueError(
+            f"target must be layer names (e.g. ('q_proj', 'o_proj')) or a "
+            f"predicate (name, module) -> bool, got {target!r}"
+        )
 
     def match(name: str, module: nn.Module) -> bool:
         # a target matches the whole name or a dotted suffix: "o_proj" matches
         # "layers.0.self_attn.o_proj", "experts.3.up_proj" only that expert's up_proj; a target
         # with * or ? is a glob over the whole name: "*.experts.*_proj" (routed experts only)
-        return any(fnmatch.fnmatchcase(name, n) if any(c in n for c in "*?[")
-                   else name == n or name.endswith("." + n) for n in names)
+        return any(
+            fnmatch.fnmatchcase(name, n)
+            if any(c in n for c in "*?[")
+            else name == n or name.endswith("." + n)
+            for n in names
+        )
 
     return match
 
@@ -156,17 +178,24 @@ def apply_lora(
         raise ValueError(f"rank r must be a positive int, got {r!r}")
     match = _matcher(target)
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and id(m) not in wrapped]
+    linears = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and id(m) not in wrapped
+    ]
     chosen = [(name, m) for name, m in linears if match(name, m)]
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
-        raise ValueError(f"no nn.Linear in the model matches target {target!r}; the model's "
-                         f"linear layers are named {available}")
+        raise ValueError(
+            f"no nn.Linear in the model matches target {target!r}; the model's "
+            f"linear layers are named {available}"
+        )
     too_small = [name for name, m in chosen if r > min(m.in_features, m.out_features)]
     if too_small:
-        raise ValueError(f"rank r={r} is larger than layer(s) {too_small}; use r <= the "
-                         "smaller of each layer's in and out features")
+        raise ValueError(
+            f"rank r={r} is larger than layer(s) {too_small}; use r <= the "
+            "smaller of each layer's in and out features"
+        )
     if freeze_rest:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -182,8 +211,9 @@ def merge_lora(model: nn.Module) -> list[str]:
     again."""
     names = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if isinstance(model, LoRALinear):
-        raise ValueError("merge a model that contains LoRALinear layers; for a single layer "
-                         "call layer.merged()")
+        raise ValueError(
+            "merge a model that contains LoRALinear layers; for a single layer call layer.merged()"
+        )
     for name in names:
         _set_submodule(model, name, model.get_submodule(name).merged())
     return names
@@ -191,8 +221,7 @@ def merge_lora(model: nn.Module) -> list[str]:
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' A and B matrices, in module order."""
-    return [p for m in model.modules() if isinstance(m, LoRALinear)
-            for p in (m.lora_A, m.lora_B)]
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
 
 
 def trainable_parameters(model: nn.Module) -> int:

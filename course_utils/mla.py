@@ -74,16 +74,25 @@ class MLAConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "v_head_dim", "num_hidden_layers"):
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "num_hidden_layers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
-            raise ValueError(f"q_lora_rank must be >= 1 or None (no query compression), "
-                             f"got {self.q_lora_rank}")
+            raise ValueError(
+                f"q_lora_rank must be >= 1 or None (no query compression), got {self.q_lora_rank}"
+            )
         if self.qk_rope_head_dim < 0 or self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even and >= 0 (RoPE turns pairs of "
-                             f"dims; 0 means no RoPE), got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"qk_rope_head_dim must be even and >= 0 (RoPE turns pairs of "
+                f"dims; 0 means no RoPE), got {self.qk_rope_head_dim}"
+            )
         if self.rope_scaling is not None:
             YarnScaling.from_hf(self.rope_scaling)  # validates
 
@@ -115,7 +124,7 @@ class MLAConfig:
     @property
     def softmax_scale(self) -> float:
         """(qk_nope_head_dim + qk_rope_head_dim) ** -0.5, times mscale**2 under YaRN."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         return scale if self.yarn is None else scale * self.yarn.softmax_scale_factor
 
 
@@ -126,17 +135,24 @@ class LatentCache(BaseCache):
     qk_rope_head_dim): ``kv_lora_rank + qk_rope_head_dim`` numbers per token per layer.
     """
 
-    def __init__(self, batch_size: int, capacity: int, kv_lora_rank: int,
-                 qk_rope_head_dim: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        capacity: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(batch_size, capacity)
         if kv_lora_rank < 1 or qk_rope_head_dim < 0:
-            raise ValueError(f"kv_lora_rank must be >= 1 and qk_rope_head_dim >= 0, got "
-                             f"{kv_lora_rank}, {qk_rope_head_dim}")
+            raise ValueError(
+                f"kv_lora_rank must be >= 1 and qk_rope_head_dim >= 0, got "
+                f"{kv_lora_rank}, {qk_rope_head_dim}"
+            )
         dtype = dtype or torch.get_default_dtype()
         self.c_kv = torch.zeros(batch_size, capacity, kv_lora_rank, device=device, dtype=dtype)
-        self.k_pe = torch.zeros(batch_size, capacity, qk_rope_head_dim, device=device,
-                                dtype=dtype)
+        self.k_pe = torch.zeros(batch_size, capacity, qk_rope_head_dim, device=device, dtype=dtype)
 
     def buffers(self) -> tuple[Tensor, ...]:
         return (self.c_kv, self.k_pe)
@@ -147,10 +163,17 @@ class LatentCache(BaseCache):
         Returns views of everything cached so far: (batch, length, ...) each.
         """
         r, dr = self.c_kv.shape[-1], self.k_pe.shape[-1]
-        if c_kv.dim() != 3 or k_pe.dim() != 3 or c_kv.shape[-1] != r or k_pe.shape[-1] != dr or (
-                c_kv.shape[:2] != k_pe.shape[:2]):
-            raise ValueError(f"c_kv must be (batch, t, {r}) and k_pe (batch, t, {dr}), got "
-                             f"{tuple(c_kv.shape)} and {tuple(k_pe.shape)}")
+        if (
+            c_kv.dim() != 3
+            or k_pe.dim() != 3
+            or c_kv.shape[-1] != r
+            or k_pe.shape[-1] != dr
+            or (c_kv.shape[:2] != k_pe.shape[:2])
+        ):
+            raise ValueError(
+                f"c_kv must be (batch, t, {r}) and k_pe (batch, t, {dr}), got "
+                f"{tuple(c_kv.shape)} and {tuple(k_pe.shape)}"
+            )
         start, end = self._reserve(c_kv.shape[1], c_kv.shape[0])
         self.c_kv[:, start:end] = c_kv
         self.k_pe[:, start:end] = k_pe
@@ -169,37 +192,53 @@ class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: MLAConfig) -> None:
         super().__init__()
         c = self.config = config
-        h, dn, dr, dv = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
-                         c.v_head_dim)
+        h, dn, dr, dv = (
+            c.num_attention_heads,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+        )
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, h * (dn + dr), bias=False)
         else:
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(c.q_lora_rank, h * (dn + dr), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + dr,
-                                            bias=c.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            c.hidden_size, c.kv_lora_rank + dr, bias=c.attention_bias
+        )
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, h * (dn + dv), bias=False)
         self.o_proj = nn.Linear(h * dv, c.hidden_size, bias=c.attention_bias)
-        self.rotary = (RotaryEmbedding(dr, c.rope_theta, c.yarn, c.rope_interleave)
-                       if dr else None)
+        self.rotary = RotaryEmbedding(dr, c.rope_theta, c.yarn, c.rope_interleave) if dr else None
         self.softmax_scale = c.softmax_scale
 
-    def new_cache(self, batch_size: int, capacity: int, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> LatentCache:
+    def new_cache(
+        self,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LatentCache:
         c = self.config
         device = device if device is not None else self.kv_b_proj.weight.device
-        return LatentCache(batch_size, capacity, c.kv_lora_rank, c.qk_rope_head_dim, device,
-                           dtype or self.kv_b_proj.weight.dtype)
+        return LatentCache(
+            batch_size,
+            capacity,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            device,
+            dtype or self.kv_b_proj.weight.dtype,
+        )
 
     def _kv_b_per_head(self) -> tuple[Tensor, Tensor]:
         """kv_b_proj split per head: W_uk (heads, qk_nope_head_dim, kv_lora_rank) and
         W_uv (heads, v_head_dim, kv_lora_rank)."""
         c = self.config
-        w = self.kv_b_proj.weight.view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim,
-                                       c.kv_lora_rank)
-        return w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
+        w = self.kv_b_proj.weight.view(
+            c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank
+        )
+        return w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
 
     def project(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The per-token part: q_nope (b, h, t, dn), q_pe (b, h, t, dr) rotated,
@@ -218,14 +257,14 @@ class MultiHeadLatentAttention(nn.Module):
             q_pe, k_pe = self.rotary(q_pe, offset), self.rotary(k_pe, offset)
         return q_nope, q_pe, c_kv, k_pe
 
-    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool = False
-                ) -> Tensor:
+    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool = False) -> Tensor:
         c = self.config
         if x.dim() != 3 or x.shape[-1] != c.hidden_size:
             raise ValueError(f"x must be (batch, t, {c.hidden_size}), got {tuple(x.shape)}")
         if cache is not None and not isinstance(cache, LatentCache):
-            raise ValueError(f"MLA needs a LatentCache (from new_cache), got "
-                             f"{type(cache).__name__}")
+            raise ValueError(
+                f"MLA needs a LatentCache (from new_cache), got {type(cache).__name__}"
+            )
         b, t, _ = x.shape
         offset = 0 if cache is None else cache.length
         q_nope, q_pe, c_kv, k_pe = self.project(x, offset)
@@ -257,8 +296,9 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def rope_rows_to_half_split(state_dict: Mapping[str, Tensor], config: MLAConfig
-                            ) -> dict[str, Tensor]:
+def rope_rows_to_half_split(
+    state_dict: Mapping[str, Tensor], config: MLAConfig
+) -> dict[str, Tensor]:
     """Convert MLA weights whose rotary dims are interleaved (DeepSeek checkpoints) to the
     half-split layout, by permuting the rows that produce rotary dims.
 
@@ -276,10 +316,10 @@ def rope_rows_to_half_split(state_dict: Mapping[str, Tensor], config: MLAConfig
             w = out[name].view(h, dn + dr, -1)
             w[:, dn:] = w[:, dn:][:, perm]
     w = out["kv_a_proj_with_mqa.weight"]
-    w[config.kv_lora_rank:] = w[config.kv_lora_rank:][perm]
+    w[config.kv_lora_rank :] = w[config.kv_lora_rank :][perm]
     if "kv_a_proj_with_mqa.bias" in out:
         b = out["kv_a_proj_with_mqa.bias"]
-        b[config.kv_lora_rank:] = b[config.kv_lora_rank:][perm]
+        b[config.kv_lora_rank :] = b[config.kv_lora_rank :][perm]
     return out
 
 
@@ -299,15 +339,18 @@ def latent_cache_bytes(
     the one rotary key is shared by all heads). The argument order of
     :func:`course_utils.cache.kv_cache_bytes`, the K/V cache's formula; with the defaults it is
     the bytes per token of the whole model."""
-    for name, value in (("num_layers", num_layers), ("kv_lora_rank", kv_lora_rank),
-                        ("seq_len", seq_len), ("batch_size", batch_size),
-                        ("bytes_per_element", bytes_per_element)):
+    for name, value in (
+        ("num_layers", num_layers),
+        ("kv_lora_rank", kv_lora_rank),
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+        ("bytes_per_element", bytes_per_element),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if qk_rope_head_dim < 0:
         raise ValueError(f"qk_rope_head_dim must be >= 0, got {qk_rope_head_dim}")
-    return (num_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch_size
-            * bytes_per_element)
+    return num_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch_size * bytes_per_element
 
 
 #: Attention shapes of real models, from the public config.json files on the Hugging Face Hub
@@ -315,33 +358,63 @@ def latent_cache_bytes(
 #: baseline (80 layers, 64 query heads, 8 KV heads of 128), labelled as such.
 REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "DeepSeek-V2 (236B)": {
-        "hidden_size": 5120, "num_hidden_layers": 60, "num_attention_heads": 128,
-        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_theta": 10000.0,
+        "hidden_size": 5120,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 10000.0,
         "max_position_embeddings": 163840,
-        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
-                         "mscale_all_dim": 0.707},
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
     },
     "DeepSeek-V3 (671B)": {
-        "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
-        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
-        "qk_rope_head_dim": 64, "v_head_dim": 128, "rope_theta": 10000.0,
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 10000.0,
         "max_position_embeddings": 163840,
-        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-                         "mscale_all_dim": 1.0},
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
     },
     "Llama-3-70B-like (GQA baseline)": {
-        "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
     },
 }
 
 
-def cache_size_table(configs: Mapping[str, Mapping[str, Any]] | None = None,
-                     context: int = 128 * 1024, dtype_bytes: int = 2,
-                     gqa_groups: int = 8) -> list[dict[str, Any]]:
+def cache_size_table(
+    configs: Mapping[str, Mapping[str, Any]] | None = None,
+    context: int = 128 * 1024,
+    dtype_bytes: int = 2,
+    gqa_groups: int = 8,
+) -> list[dict[str, Any]]:
     """Cache sizes per token and for ``context`` tokens, for MHA/GQA/MQA/MLA on each config.
 
     MHA/GQA/MQA use the config's query heads with head_dim 128 (``head_dim`` if given) for both
@@ -354,18 +427,30 @@ def cache_size_table(configs: Mapping[str, Mapping[str, Any]] | None = None,
     for name, cfg in (configs or REAL_CONFIGS).items():
         layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim", 128)
-        schemes = {"MHA": heads, f"GQA ({cfg.get('num_key_value_heads', gqa_groups)} KV heads)":
-                   cfg.get("num_key_value_heads", gqa_groups), "MQA": 1}
-        per_layer = {k: kv_cache_bytes(1, n, head_dim, bytes_per_element=dtype_bytes)
-                     for k, n in schemes.items()}
+        schemes = {
+            "MHA": heads,
+            f"GQA ({cfg.get('num_key_value_heads', gqa_groups)} KV heads)": cfg.get(
+                "num_key_value_heads", gqa_groups
+            ),
+            "MQA": 1,
+        }
+        per_layer = {
+            k: kv_cache_bytes(1, n, head_dim, bytes_per_element=dtype_bytes)
+            for k, n in schemes.items()
+        }
         if "kv_lora_rank" in cfg:
-            per_layer["MLA"] = latent_cache_bytes(1, cfg["kv_lora_rank"], cfg["qk_rope_head_dim"],
-                                                  bytes_per_element=dtype_bytes)
+            per_layer["MLA"] = latent_cache_bytes(
+                1, cfg["kv_lora_rank"], cfg["qk_rope_head_dim"], bytes_per_element=dtype_bytes
+            )
         for scheme, b in per_layer.items():
-            rows.append({
-                "model": name, "scheme": scheme, "elements_per_token_per_layer": b // dtype_bytes,
-                "bytes_per_token_per_layer": b, "bytes_per_token": b * layers,
-                "GiB_at_context": b * layers * context / 2**30,
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "scheme": scheme,
+                    "elements_per_token_per_layer": b // dtype_bytes,
+                    "bytes_per_token_per_layer": b,
+                    "bytes_per_token": b * layers,
+                    "GiB_at_context": b * layers * context / 2**30,
+                }
+            )
     return rows
-

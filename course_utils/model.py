@@ -30,8 +30,13 @@ from .layers import RMSNorm, SwiGLU
 from .mla import LatentCache, MultiHeadLatentAttention
 from .moe import DeepSeekMoE
 
-__all__ = ["DeepSeekDecoderLayer", "DeepSeekForCausalLM", "DeepSeekModel", "FP32_BUFFERS",
-           "MTPLayer"]
+__all__ = [
+    "DeepSeekDecoderLayer",
+    "DeepSeekForCausalLM",
+    "DeepSeekModel",
+    "FP32_BUFFERS",
+    "MTPLayer",
+]
 
 #: Buffers that stay float32 when the model is cast to a lower precision: the V3 router's
 #: correction bias (its 0.001 steps vanish in bfloat16), the load counts it is updated from,
@@ -54,11 +59,13 @@ class DeepSeekDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if moe is None:
             moe = config.is_moe_layer(layer_idx)
-        self.mlp: nn.Module = (DeepSeekMoE(config.moe_config()) if moe
-                               else SwiGLU(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (
+            DeepSeekMoE(config.moe_config())
+            if moe
+            else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
 
-    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool = False
-                ) -> Tensor:
+    def forward(self, x: Tensor, cache: LatentCache | None = None, absorb: bool = False) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, absorb=absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -89,13 +96,20 @@ class MTPLayer(DeepSeekDecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, hidden: Tensor, next_embeds: Tensor,  # type: ignore[override]
-                cache: LatentCache | None = None, absorb: bool = False) -> Tensor:
+    def forward(
+        self,
+        hidden: Tensor,
+        next_embeds: Tensor,  # type: ignore[override]
+        cache: LatentCache | None = None,
+        absorb: bool = False,
+    ) -> Tensor:
         """hidden, next_embeds: (batch, t, hidden) -> this depth's hidden (batch, t, hidden),
         after ``shared_head.norm``: ``lm_head`` of it gives the depth's logits."""
         if hidden.shape != next_embeds.shape:
-            raise ValueError(f"hidden and next_embeds must have one shape, got "
-                             f"{tuple(hidden.shape)} and {tuple(next_embeds.shape)}")
+            raise ValueError(
+                f"hidden and next_embeds must have one shape, got "
+                f"{tuple(hidden.shape)} and {tuple(next_embeds.shape)}"
+            )
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
         return self.shared_head.norm(super().forward(x, cache, absorb))
 
@@ -111,28 +125,34 @@ class DeepSeekModel(nn.Module):
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DeepSeekDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DeepSeekDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def residual_stream(self, input_ids: Tensor, caches: list[LatentCache] | None = None,
-                        absorb: bool = False) -> Tensor:
+    def residual_stream(
+        self, input_ids: Tensor, caches: list[LatentCache] | None = None, absorb: bool = False
+    ) -> Tensor:
         """input_ids (batch, t) -> the residual stream after the last layer, before the final
         norm, (batch, t, hidden). With ``caches`` (one per layer) the ids continue the cached
         tokens, and their positions start at ``caches[0].length``."""
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, t) token ids, got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be (batch, t) token ids, got shape {tuple(input_ids.shape)}"
+            )
         if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"caches must hold one cache per layer ({len(self.layers)}), got "
-                             f"{len(caches)}; make them with new_caches()")
+            raise ValueError(
+                f"caches must hold one cache per layer ({len(self.layers)}), got "
+                f"{len(caches)}; make them with new_caches()"
+            )
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, None if caches is None else caches[i], absorb=absorb)
         return h
 
-    def forward(self, input_ids: Tensor, caches: list[LatentCache] | None = None,
-                absorb: bool = False) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, caches: list[LatentCache] | None = None, absorb: bool = False
+    ) -> Tensor:
         return self.norm(self.residual_stream(input_ids, caches, absorb))
 
 
@@ -153,8 +173,10 @@ class DeepSeekForCausalLM(nn.Module):
         self.absorb = False
         self.model = DeepSeekModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + k)
-                                 for k in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPLayer(config, config.num_hidden_layers + k)
+            for k in range(config.num_nextn_predict_layers)
+        )
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -177,8 +199,9 @@ class DeepSeekForCausalLM(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward_with_hidden(self, input_ids: Tensor, caches: list[LatentCache] | None = None
-                            ) -> tuple[Tensor, Tensor]:
+    def forward_with_hidden(
+        self, input_ids: Tensor, caches: list[LatentCache] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(logits (batch, t, vocab), hidden (batch, t, hidden)).
 
         ``hidden`` is the final hidden state, after the final norm: what ``lm_head`` reads and
@@ -192,22 +215,46 @@ class DeepSeekForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, caches: list[LatentCache] | None = None) -> Tensor:
         return self.forward_with_hidden(input_ids, caches)[0]
 
-    def new_caches(self, batch_size: int, capacity: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> list[LatentCache]:
+    def new_caches(
+        self,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[LatentCache]:
         """One empty :class:`LatentCache` per layer, on the model's device and dtype unless
         given: ``kv_lora_rank + qk_rope_head_dim`` numbers per token per layer."""
-        return [layer.self_attn.new_cache(batch_size, capacity, device, dtype)
-                for layer in self.model.layers]
+        return [
+            layer.self_attn.new_cache(batch_size, capacity, device, dtype)
+            for layer in self.model.layers
+        ]
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Extend input_ids (batch, t) by up to ``max_new_tokens``: greedy at temperature 0,
         else sampled after top-k / top-p. See :func:`course_utils.generation.generate`."""
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, use_cache=use_cache, eos_token_id=eos_token_id,
-                        generator=generator, return_logits=return_logits)
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            use_cache=use_cache,
+            eos_token_id=eos_token_id,
+            generator=generator,
+            return_logits=return_logits,
+        )
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -244,8 +291,12 @@ class DeepSeekForCausalLM(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Casting the model (model.half(), .to(torch.bfloat16)) must not round the float32
         # buffers listed in FP32_BUFFERS; they follow the device but keep their dtype.
-        kept = [(m, name, buf) for m in self.modules() for name, buf in m._buffers.items()
-                if name in FP32_BUFFERS and buf is not None and buf.dtype == torch.float32]
+        kept = [
+            (m, name, buf)
+            for m in self.modules()
+            for name, buf in m._buffers.items()
+            if name in FP32_BUFFERS and buf is not None and buf.dtype == torch.float32
+        ]
         super()._apply(fn, recurse)
         for module, name, buf in kept:
             moved = module._buffers[name]

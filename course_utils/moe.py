@@ -127,8 +127,10 @@ class MoEConfig:
 def validate_moe_config(c: MoEConfig) -> None:
     """Raise ValueError naming the bad field and the fix; called by MoEConfig itself."""
     if c.hidden_size < 1 or c.moe_intermediate_size < 1:
-        raise ValueError(f"hidden_size and moe_intermediate_size must be >= 1, got "
-                         f"{c.hidden_size}, {c.moe_intermediate_size}")
+        raise ValueError(
+            f"hidden_size and moe_intermediate_size must be >= 1, got "
+            f"{c.hidden_size}, {c.moe_intermediate_size}"
+        )
     if c.n_routed_experts < 1:
         raise ValueError(f"n_routed_experts must be >= 1, got {c.n_routed_experts}")
     if c.n_shared_experts < 0:
@@ -136,34 +138,43 @@ def validate_moe_config(c: MoEConfig) -> None:
     if not 1 <= c.num_experts_per_tok <= c.n_routed_experts:
         raise ValueError(
             f"num_experts_per_tok={c.num_experts_per_tok} must be between 1 and "
-            f"n_routed_experts={c.n_routed_experts}: a token cannot use more experts than exist")
+            f"n_routed_experts={c.n_routed_experts}: a token cannot use more experts than exist"
+        )
     if c.n_group < 1 or c.n_routed_experts % c.n_group:
         raise ValueError(
             f"n_group={c.n_group} must divide n_routed_experts={c.n_routed_experts} so every "
-            "group has the same number of experts; pick a divisor")
+            "group has the same number of experts; pick a divisor"
+        )
     if not 1 <= c.topk_group <= c.n_group:
         raise ValueError(f"topk_group={c.topk_group} must be between 1 and n_group={c.n_group}")
     if c.num_experts_per_tok > c.topk_group * c.experts_per_group:
         raise ValueError(
             f"num_experts_per_tok={c.num_experts_per_tok} is more than the "
             f"{c.topk_group * c.experts_per_group} experts in topk_group={c.topk_group} groups of "
-            f"{c.experts_per_group}; raise topk_group or lower num_experts_per_tok")
+            f"{c.experts_per_group}; raise topk_group or lower num_experts_per_tok"
+        )
     if c.scoring_func == "softmax":
         if c.topk_method not in _V2_METHODS:
-            raise ValueError(f"scoring_func='softmax' (DeepSeek-V2) takes topk_method in "
-                             f"{_V2_METHODS}, got {c.topk_method!r}")
+            raise ValueError(
+                f"scoring_func='softmax' (DeepSeek-V2) takes topk_method in "
+                f"{_V2_METHODS}, got {c.topk_method!r}"
+            )
     elif c.scoring_func == "sigmoid":
         if c.topk_method not in _V3_METHODS:
-            raise ValueError(f"scoring_func='sigmoid' (DeepSeek-V3) takes topk_method "
-                             f"'noaux_tc', got {c.topk_method!r}")
+            raise ValueError(
+                f"scoring_func='sigmoid' (DeepSeek-V3) takes topk_method "
+                f"'noaux_tc', got {c.topk_method!r}"
+            )
         if c.n_group > 1 and c.experts_per_group < 2:
             raise ValueError(
                 f"the V3 group score sums each group's top-2 experts, so groups need at least 2 "
                 f"experts; n_routed_experts={c.n_routed_experts} / n_group={c.n_group} gives "
-                f"{c.experts_per_group}; lower n_group")
+                f"{c.experts_per_group}; lower n_group"
+            )
     else:
-        raise ValueError(f"scoring_func must be 'softmax' (V2) or 'sigmoid' (V3), got "
-                         f"{c.scoring_func!r}")
+        raise ValueError(
+            f"scoring_func must be 'softmax' (V2) or 'sigmoid' (V3), got {c.scoring_func!r}"
+        )
     if c.bias_update_speed < 0:
         raise ValueError(f"bias_update_speed must be >= 0, got {c.bias_update_speed}")
 
@@ -232,9 +243,11 @@ class TopKRouter(nn.Module):
 def _checked_indices(indices: Tensor, n_tokens: int, c: MoEConfig) -> Tensor:
     """Forced expert choices (keep routing): (T, k) integers in [0, E)."""
     if indices.shape != (n_tokens, c.num_experts_per_tok):
-        raise ValueError(f"forced routing indices must be (tokens, k) = ({n_tokens}, "
-                         f"{c.num_experts_per_tok}), got {tuple(indices.shape)}; record them "
-                         "from a forward over the same sequences (moe.recorded_routing)")
+        raise ValueError(
+            f"forced routing indices must be (tokens, k) = ({n_tokens}, "
+            f"{c.num_experts_per_tok}), got {tuple(indices.shape)}; record them "
+            "from a forward over the same sequences (moe.recorded_routing)"
+        )
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= c.n_routed_experts):
         raise ValueError(f"forced routing indices must lie in [0, {c.n_routed_experts})")
     return indices.long()
@@ -300,8 +313,9 @@ class DeepSeekV3Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         nn.init.normal_(self.weight, std=config.hidden_size**-0.5)
         # float32 whatever the model dtype: updates of 0.001 vanish in bfloat16.
-        self.register_buffer("e_score_correction_bias",
-                             torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
 
     def forward(self, x: Tensor, indices: Tensor | None = None) -> Routing:
         """``indices`` (T, k): use these experts instead of steps 2-4 (keep routing); the
@@ -335,8 +349,9 @@ def make_router(config: MoEConfig) -> DeepSeekV2Router | DeepSeekV3Router:
 # -- dispatch -----------------------------------------------------------------------------
 
 
-def dispatch_reference(x: Tensor, experts: Iterable[nn.Module], indices: Tensor,
-                       weights: Tensor) -> Tensor:
+def dispatch_reference(
+    x: Tensor, experts: Iterable[nn.Module], indices: Tensor, weights: Tensor
+) -> Tensor:
     """The readable dispatch: for each token, for each of its k experts, add weight * expert(x).
 
     x: (T, H); indices, weights: (T, k) -> (T, H). One Python step per (token, choice): slow, and
@@ -351,8 +366,9 @@ def dispatch_reference(x: Tensor, experts: Iterable[nn.Module], indices: Tensor,
     return out
 
 
-def dispatch_vectorized(x: Tensor, experts: Iterable[nn.Module], indices: Tensor,
-                        weights: Tensor) -> Tensor:
+def dispatch_vectorized(
+    x: Tensor, experts: Iterable[nn.Module], indices: Tensor, weights: Tensor
+) -> Tensor:
     """Sort the T*k (token, expert) pairs by expert, run each expert once on its contiguous slice,
     scale by the gate weights, and ``index_add_`` the results back to their tokens.
 
@@ -362,10 +378,10 @@ def dispatch_vectorized(x: Tensor, experts: Iterable[nn.Module], indices: Tensor
     experts = list(experts)
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)               # pair positions grouped by expert
-    token_of = order // k                            # which token each sorted pair came from
+    order = flat.argsort(stable=True)  # pair positions grouped by expert
+    token_of = order // k  # which token each sorted pair came from
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    gathered = x.index_select(0, token_of)           # (T*k, H), expert 0's tokens first
+    gathered = x.index_select(0, token_of)  # (T*k, H), expert 0's tokens first
     pieces = [experts[e](chunk) for e, chunk in enumerate(gathered.split(counts)) if counts[e]]
     expert_out = torch.cat(pieces) if pieces else gathered
     expert_out = (expert_out.float() * weights.reshape(-1)[order, None].float()).to(x.dtype)
@@ -401,11 +417,14 @@ class DeepSeekMoE(nn.Module):
         h, i = config.hidden_size, config.moe_intermediate_size
         self.gate = make_router(config)
         self.experts = nn.ModuleList(SwiGLU(h, i) for _ in range(config.n_routed_experts))
-        self.shared_experts = (SwiGLU(h, i * config.n_shared_experts)
-                               if config.n_shared_experts else None)
-        self.register_buffer("load_since_update",
-                             torch.zeros(config.n_routed_experts, dtype=torch.float32),
-                             persistent=False)
+        self.shared_experts = (
+            SwiGLU(h, i * config.n_shared_experts) if config.n_shared_experts else None
+        )
+        self.register_buffer(
+            "load_since_update",
+            torch.zeros(config.n_routed_experts, dtype=torch.float32),
+            persistent=False,
+        )
         self.last_routing: Routing | None = None
         self.last_counts: Tensor | None = None
         # keep routing (DeepSeek-V3.2): (T, k) experts to use instead of choosing; see
@@ -422,11 +441,15 @@ class DeepSeekMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"x must be (batch, seq, {self.config.hidden_size}), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (batch, seq, {self.config.hidden_size}), got {tuple(x.shape)}"
+            )
         flat = x.reshape(-1, x.shape[-1])
-        routing = (self.gate(flat) if self.forced_indices is None
-                   else self.gate(flat, indices=self.forced_indices.to(flat.device)))
+        routing = (
+            self.gate(flat)
+            if self.forced_indices is None
+            else self.gate(flat, indices=self.forced_indices.to(flat.device))
+        )
         routed = _DISPATCH[self.dispatch](flat, self.experts, routing.indices, routing.weights)
         counts = expert_counts(routing.indices, self.config.n_routed_experts)
         self.last_routing, self.last_counts = routing, counts
@@ -461,8 +484,11 @@ def recorded_routing(model: nn.Module) -> dict[str, Tensor]:
     named = [(name, m) for name, m in model.named_modules() if isinstance(m, DeepSeekMoE)]
     if not named:
         raise ValueError("model has no DeepSeekMoE layer; keep routing needs an MoE model")
-    out = {name: m.last_routing.indices.detach().clone() for name, m in named
-           if m.last_routing is not None}
+    out = {
+        name: m.last_routing.indices.detach().clone()
+        for name, m in named
+        if m.last_routing is not None
+    }
     if not out:
         raise ValueError("run a forward pass first: no MoE layer has a routing recorded")
     return out
@@ -489,20 +515,23 @@ def replay_routing(model: nn.Module, indices: Mapping[str, Tensor]) -> Iterator[
             m.forced_indices = None
 
 
-def routing_changed(before: Mapping[str, Tensor], after: Mapping[str, Tensor],
-                    token_mask: Tensor | None = None) -> float:
+def routing_changed(
+    before: Mapping[str, Tensor], after: Mapping[str, Tensor], token_mask: Tensor | None = None
+) -> float:
     """Fraction of (layer, token) pairs whose *set* of k experts differs between two routings
     (module name -> (T, k), as :func:`recorded_routing` returns; both must name the same
     layers). ``token_mask`` (T,) bool: count only those tokens."""
     if set(before) != set(after):
-        raise ValueError(f"the routings cover different layers: {sorted(before)} vs "
-                         f"{sorted(after)}")
+        raise ValueError(
+            f"the routings cover different layers: {sorted(before)} vs {sorted(after)}"
+        )
     changed = total = 0
     for name, a in before.items():
         b = after[name]
         if a.shape != b.shape:
-            raise ValueError(f"routing shapes differ in {name}: {tuple(a.shape)} vs "
-                             f"{tuple(b.shape)}")
+            raise ValueError(
+                f"routing shapes differ in {name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+            )
         differs = (a.sort(dim=-1).values != b.sort(dim=-1).values).any(dim=-1)
         if token_mask is not None:
             differs = differs[token_mask.reshape(-1).to(differs.device)]
@@ -525,8 +554,10 @@ def split_fused_experts(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key == "experts.gate_up_proj" or key.endswith(".experts.gate_up_proj"):
             prefix = key[: -len("gate_up_proj")]
             if value.dim() != 3 or value.shape[1] % 2:
-                raise ValueError(f"{key} must be (experts, 2 * moe_intermediate_size, hidden), "
-                                 f"found {tuple(value.shape)}")
+                raise ValueError(
+                    f"{key} must be (experts, 2 * moe_intermediate_size, hidden), "
+                    f"found {tuple(value.shape)}"
+                )
             for e, w in enumerate(value):
                 gate, up = w.chunk(2, dim=0)
                 out[f"{prefix}{e}.gate_proj.weight"] = gate
@@ -534,8 +565,10 @@ def split_fused_experts(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         elif key == "experts.down_proj" or key.endswith(".experts.down_proj"):
             prefix = key[: -len("down_proj")]
             if value.dim() != 3:
-                raise ValueError(f"{key} must be (experts, hidden, moe_intermediate_size), "
-                                 f"found {tuple(value.shape)}")
+                raise ValueError(
+                    f"{key} must be (experts, hidden, moe_intermediate_size), "
+                    f"found {tuple(value.shape)}"
+                )
             for e, w in enumerate(value):
                 out[f"{prefix}{e}.down_proj.weight"] = w
         else:
@@ -555,8 +588,9 @@ def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:
     gate_up = state["experts.gate_up_proj"]
     want_gu = (c.n_routed_experts, 2 * c.moe_intermediate_size, c.hidden_size)
     if tuple(gate_up.shape) != want_gu:
-        raise ValueError(f"experts.gate_up_proj has shape {tuple(gate_up.shape)}, this config "
-                         f"expects {want_gu}")
+        raise ValueError(
+            f"experts.gate_up_proj has shape {tuple(gate_up.shape)}, this config expects {want_gu}"
+        )
     per_expert = split_fused_experts(state)
     with torch.no_grad():
         for e, expert in enumerate(moe.experts):
@@ -565,13 +599,16 @@ def load_fused_experts(moe: DeepSeekMoE, state: Mapping[str, Tensor]) -> None:
         moe.gate.weight.copy_(state["gate.weight"])
         if "gate.e_score_correction_bias" in state:
             if not isinstance(moe.gate, DeepSeekV3Router):
-                raise ValueError("state has gate.e_score_correction_bias but this layer's router "
-                                 "is not the V3 one; use scoring_func='sigmoid'")
+                raise ValueError(
+                    "state has gate.e_score_correction_bias but this layer's router "
+                    "is not the V3 one; use scoring_func='sigmoid'"
+                )
             moe.gate.e_score_correction_bias.copy_(state["gate.e_score_correction_bias"])
         if moe.shared_experts is not None:
             for name in ("gate_proj", "up_proj", "down_proj"):
                 getattr(moe.shared_experts, name).weight.copy_(
-                    state[f"shared_experts.{name}.weight"])
+                    state[f"shared_experts.{name}.weight"]
+                )
 
 
 def total_and_active_parameters(moe: DeepSeekMoE) -> tuple[int, int]:
@@ -603,8 +640,9 @@ def load_statistics(indices: Tensor, n_experts: int) -> LoadStats:
     """indices: (..., k) chosen experts -> LoadStats over all tokens."""
     counts = expert_counts(indices, n_experts)
     mean = counts.mean()
-    return LoadStats(counts, counts / counts.sum(), float(counts.max() / mean),
-                     float(counts.min() / mean))
+    return LoadStats(
+        counts, counts / counts.sum(), float(counts.max() / mean), float(counts.min() / mean)
+    )
 
 
 # -- auxiliary balance losses -------------------------------------------------------------
@@ -659,8 +697,9 @@ def device_balance_loss(scores: Tensor, indices: Tensor, n_devices: int) -> Tens
     return (f_dev * p_dev).sum()
 
 
-def communication_balance_loss(scores: Tensor, indices: Tensor, n_devices: int,
-                               max_devices: int) -> Tensor:
+def communication_balance_loss(
+    scores: Tensor, indices: Tensor, n_devices: int, max_devices: int
+) -> Tensor:
     """DeepSeek-V2's communication balance loss (without alpha_3).
 
     f''_d = D / (M T) * #tokens sending anything to device d, with M = ``max_devices`` (the
@@ -687,8 +726,10 @@ def sequence_balance_loss(scores: Tensor, indices: Tensor) -> Tensor:
     balanced.
     """
     if scores.dim() != 3 or indices.dim() != 3:
-        raise ValueError("sequence_balance_loss needs scores (B, S, E) and indices (B, S, k); "
-                         "reshape the flat Routing tensors with the batch shape")
+        raise ValueError(
+            "sequence_balance_loss needs scores (B, S, E) and indices (B, S, k); "
+            "reshape the flat Routing tensors with the batch shape"
+        )
     b, s, n_experts = scores.shape
     k = indices.shape[-1]
     counts = torch.zeros(b, n_experts, device=scores.device)
@@ -709,8 +750,10 @@ def update_correction_bias(bias: Tensor, counts: Tensor, gamma: float) -> Tensor
     get a higher bias. Runs outside autograd; ``bias`` must be float32. Returns ``bias``.
     """
     if bias.dtype != torch.float32:
-        raise ValueError(f"the correction bias must be float32 (small steps vanish in lower "
-                         f"precision), got {bias.dtype}")
+        raise ValueError(
+            f"the correction bias must be float32 (small steps vanish in lower "
+            f"precision), got {bias.dtype}"
+        )
     counts = counts.float().to(bias.device)
     bias += gamma * torch.sign(counts.mean() - counts)
     return bias
@@ -723,11 +766,16 @@ class AuxLossFreeBalancer:
     ``config.bias_update_speed``."""
 
     def __init__(self, model: nn.Module, gamma: float | None = None):
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, DeepSeekMoE) and isinstance(m.gate, DeepSeekV3Router)]
+        self.layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, DeepSeekMoE) and isinstance(m.gate, DeepSeekV3Router)
+        ]
         if not self.layers:
-            raise ValueError("the model has no DeepSeekMoE layer with the V3 (sigmoid) router; "
-                             "the bias update needs scoring_func='sigmoid'")
+            raise ValueError(
+                "the model has no DeepSeekMoE layer with the V3 (sigmoid) router; "
+                "the bias update needs scoring_func='sigmoid'"
+            )
         if gamma is not None and gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = gamma
@@ -736,7 +784,7 @@ class AuxLossFreeBalancer:
         for layer in self.layers:
             gamma = layer.config.bias_update_speed if self.gamma is None else self.gamma
             if layer.load_since_update.sum() > 0:
-                update_correction_bias(layer.gate.e_score_correction_bias,
-                                       layer.load_since_update, gamma)
+                update_correction_bias(
+                    layer.gate.e_score_correction_bias, layer.load_since_update, gamma
+                )
             layer.load_since_update.zero_()
-

@@ -48,22 +48,31 @@ from .moe import (
 from .tokenizer import CharTokenizer
 from .train import Trainer, language_model_loss
 
-__all__ = ["METHODS", "BalancingRun", "Spread", "arm_names", "greedy_accuracy", "moe_layers",
-           "run_balancing_study", "summarize", "summarize_over_seeds"]
+__all__ = [
+    "METHODS",
+    "BalancingRun",
+    "Spread",
+    "arm_names",
+    "greedy_accuracy",
+    "moe_layers",
+    "run_balancing_study",
+    "summarize",
+    "summarize_over_seeds",
+]
 
 METHODS = ("none", "switch", "bias", "bias+seq")
 
 
-def arm_names(methods: Sequence[str] = METHODS, aux_alphas: Sequence[float] = (0.01,)
-              ) -> list[str]:
+def arm_names(methods: Sequence[str] = METHODS, aux_alphas: Sequence[float] = (0.01,)) -> list[str]:
     """The arms :func:`run_balancing_study` trains, in order: each method once, ``"switch"``
     once per weight (``"switch α=0.1"``)."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
     if "switch" in methods and (not aux_alphas or any(a <= 0 for a in aux_alphas)):
-        raise ValueError(f"aux_alphas must be positive weights for the switch arms, got "
-                         f"{tuple(aux_alphas)}")
+        raise ValueError(
+            f"aux_alphas must be positive weights for the switch arms, got {tuple(aux_alphas)}"
+        )
     names = []
     for m in methods:
         names += [f"switch α={a:g}" for a in aux_alphas] if m == "switch" else [m]
@@ -111,9 +120,13 @@ def moe_layers(model: nn.Module) -> list[DeepSeekMoE]:
     return layers
 
 
-def greedy_accuracy(model: nn.Module, tokenizer: CharTokenizer,
-                    problems: Sequence[ArithmeticProblem], max_new_tokens: int | None = None,
-                    batch_size: int = 128) -> float:
+def greedy_accuracy(
+    model: nn.Module,
+    tokenizer: CharTokenizer,
+    problems: Sequence[ArithmeticProblem],
+    max_new_tokens: int | None = None,
+    batch_size: int = 128,
+) -> float:
     """Share of ``problems`` whose greedy completion ends in the right answer: the course's
     :func:`course_utils.arithmetic.evaluate_accuracy`, without a cache so that any
     ``forward(ids) -> logits`` model works. ``tokenizer`` must be the arithmetic one."""
@@ -121,8 +134,9 @@ def greedy_accuracy(model: nn.Module, tokenizer: CharTokenizer,
         raise ValueError("greedy_accuracy needs the arithmetic CharTokenizer (ARITHMETIC_ALPHABET)")
     was_training = model.training
     model.eval()
-    result = evaluate_accuracy(model, problems, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, use_cache=False)
+    result = evaluate_accuracy(
+        model, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=False
+    )
     model.train(was_training)
     return result.accuracy
 
@@ -159,32 +173,67 @@ def run_balancing_study(
     task = ArithmeticTask()
     corpus = task.training_tokens(n_train_lines, seed=seed, worked_fraction=worked_fraction)
     if not isinstance(batch_size, int) or not 1 <= batch_size <= corpus.n_lines:
-        raise ValueError(f"batch_size must be an int in [1, n_train_lines={n_train_lines}], "
-                         f"got {batch_size!r}")
+        raise ValueError(
+            f"batch_size must be an int in [1, n_train_lines={n_train_lines}], got {batch_size!r}"
+        )
     problems = task.problems(n_eval_problems, seed=seed + 2, split="test")
-    held_out = task.corpus_from_text("".join(
-        p.prompt + (p.worked_answer if worked_fraction > 0 else p.direct_answer) for p in problems))
+    held_out = task.corpus_from_text(
+        "".join(
+            p.prompt + (p.worked_answer if worked_fraction > 0 else p.direct_answer)
+            for p in problems
+        )
+    )
     eval_x, eval_y = task.line_tensors(held_out, device=device)
     runs = {}
     for name in names:
         method, _, alpha = name.partition(" α=")
         run = BalancingRun(method, float(alpha) if alpha else 0.0, seed)
-        runs[name] = _train_one(make_model, run, task, corpus, eval_x, eval_y, problems, steps,
-                                batch_size, lr, seq_alpha, gamma, device, progress)
+        runs[name] = _train_one(
+            make_model,
+            run,
+            task,
+            corpus,
+            eval_x,
+            eval_y,
+            problems,
+            steps,
+            batch_size,
+            lr,
+            seq_alpha,
+            gamma,
+            device,
+            progress,
+        )
     return runs
 
 
-def _train_one(make_model: Callable[[int], nn.Module], run: BalancingRun, task: ArithmeticTask,
-               corpus, eval_x: Tensor, eval_y: Tensor, problems: Sequence[ArithmeticProblem],
-               steps: int, batch_size: int, lr: float, seq_alpha: float, gamma: float,
-               device: torch.device, progress: bool) -> BalancingRun:
+def _train_one(
+    make_model: Callable[[int], nn.Module],
+    run: BalancingRun,
+    task: ArithmeticTask,
+    corpus,
+    eval_x: Tensor,
+    eval_y: Tensor,
+    problems: Sequence[ArithmeticProblem],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seq_alpha: float,
+    gamma: float,
+    device: torch.device,
+    progress: bool,
+) -> BalancingRun:
     torch.manual_seed(run.seed)
     model = make_model(task.vocab_size).to(device).train()
     layers = moe_layers(model)
-    balancer = (AuxLossFreeBalancer(model, gamma=gamma) if run.method.startswith("bias")
-                else None)
-    get_batch = task.lm_batches(corpus, batch_size, device=device, prompt_loss=False,
-                                generator=torch.Generator().manual_seed(run.seed))
+    balancer = AuxLossFreeBalancer(model, gamma=gamma) if run.method.startswith("bias") else None
+    get_batch = task.lm_batches(
+        corpus,
+        batch_size,
+        device=device,
+        prompt_loss=False,
+        generator=torch.Generator().manual_seed(run.seed),
+    )
     loads, biases = [], []
 
     def balance_loss(model: nn.Module) -> Tensor:
@@ -193,31 +242,44 @@ def _train_one(make_model: Callable[[int], nn.Module], run: BalancingRun, task: 
             r = layer.last_routing
             if run.method == "switch":
                 total = total + run.alpha * expert_balance_loss(
-                    normalized_affinities(r.scores), r.indices)
+                    normalized_affinities(r.scores), r.indices
+                )
             else:  # bias+seq
                 total = total + seq_alpha * sequence_balance_loss(
                     r.scores.view(batch_size, -1, r.scores.shape[-1]),
-                    r.indices.view(batch_size, -1, r.indices.shape[-1]))
+                    r.indices.view(batch_size, -1, r.indices.shape[-1]),
+                )
         return total
 
     def record(model: nn.Module, step: int, loss: float) -> None:
-        loads.append(torch.stack([layer.last_counts / layer.last_counts.sum()
-                                  for layer in layers]).cpu())
+        loads.append(
+            torch.stack([layer.last_counts / layer.last_counts.sum() for layer in layers]).cpu()
+        )
         if balancer is not None:
             balancer.step()
         else:
             for layer in layers:
                 layer.load_since_update.zero_()
-        biases.append(torch.stack([getattr(layer.gate, "e_score_correction_bias",
-                                           torch.zeros_like(layer.last_counts)).detach().float()
-                                   for layer in layers]).cpu())
+        biases.append(
+            torch.stack(
+                [
+                    getattr(
+                        layer.gate, "e_score_correction_bias", torch.zeros_like(layer.last_counts)
+                    )
+                    .detach()
+                    .float()
+                    for layer in layers
+                ]
+            ).cpu()
+        )
 
     hooks: dict[str, Callable[..., object]] = {"after_step": record}
     if run.method in ("switch", "bias+seq"):
         hooks["extra_loss"] = balance_loss
     name = run.method + (f" α={run.alpha:g}" if run.method == "switch" else "")
     result = Trainer(model, get_batch, steps, lr=lr, hooks=hooks, desc=name).train(
-        progress=progress)
+        progress=progress
+    )
     run.losses, run.seconds = result.losses, result.seconds
     run.loads, run.biases = torch.stack(loads), torch.stack(biases)
     run.eval_loss = _eval_loss(model, eval_x, eval_y)
@@ -231,9 +293,9 @@ def _eval_loss(model: nn.Module, inputs: Tensor, targets: Tensor, chunk: int = 2
     model.eval()
     total, count = 0.0, 0
     for i in range(0, inputs.shape[0], chunk):
-        y = targets[i:i + chunk]
+        y = targets[i : i + chunk]
         n = int((y != -100).sum())
-        total += language_model_loss(model(inputs[i:i + chunk]), y).item() * n
+        total += language_model_loss(model(inputs[i : i + chunk]), y).item() * n
         count += n
     model.train()
     return total / max(count, 1)
@@ -244,15 +306,17 @@ def summarize(runs: Mapping[str, BalancingRun], last: int = 20) -> list[dict[str
     accuracy, mean max/mean load over the last steps, starved experts, seconds."""
     rows = []
     for name, run in runs.items():
-        rows.append({
-            "method": name,
-            "train_loss": sum(run.losses[-last:]) / len(run.losses[-last:]),
-            "eval_loss": run.eval_loss,
-            "accuracy": run.accuracy,
-            "max_over_mean": float(run.max_over_mean()[-last:].mean()),
-            "starved_experts": run.starved_experts(last),
-            "seconds": run.seconds,
-        })
+        rows.append(
+            {
+                "method": name,
+                "train_loss": sum(run.losses[-last:]) / len(run.losses[-last:]),
+                "eval_loss": run.eval_loss,
+                "accuracy": run.accuracy,
+                "max_over_mean": float(run.max_over_mean()[-last:].mean()),
+                "starved_experts": run.starved_experts(last),
+                "seconds": run.seconds,
+            }
+        )
     return rows
 
 
@@ -275,8 +339,9 @@ class Spread:
         return max(self.values)
 
 
-def summarize_over_seeds(runs_by_seed: Mapping[int, Mapping[str, BalancingRun]], last: int = 20
-                         ) -> dict[str, dict[str, Spread]]:
+def summarize_over_seeds(
+    runs_by_seed: Mapping[int, Mapping[str, BalancingRun]], last: int = 20
+) -> dict[str, dict[str, Spread]]:
     """``{arm: {figure: Spread}}``: each of :func:`summarize`'s figures over the seeds (every
     seed must have run the same arms)."""
     if not runs_by_seed:
@@ -285,12 +350,20 @@ def summarize_over_seeds(runs_by_seed: Mapping[int, Mapping[str, BalancingRun]],
     if any(a != arms[0] for a in arms):
         raise ValueError(f"every seed must run the same arms, got {arms}")
     table: dict[str, dict[str, Spread]] = {}
-    per_seed = {seed: {r["method"]: r for r in summarize(runs, last)}
-                for seed, runs in runs_by_seed.items()}
+    per_seed = {
+        seed: {r["method"]: r for r in summarize(runs, last)} for seed, runs in runs_by_seed.items()
+    }
     for arm in arms[0]:
         table[arm] = {}
-        for figure in ("train_loss", "eval_loss", "accuracy", "max_over_mean",
-                       "starved_experts", "seconds"):
-            table[arm][figure] = Spread(tuple(float(per_seed[s][arm][figure])
-                                              for s in sorted(per_seed)))
+        for figure in (
+            "train_loss",
+            "eval_loss",
+            "accuracy",
+            "max_over_mean",
+            "starved_experts",
+            "seconds",
+        ):
+            table[arm][figure] = Spread(
+                tuple(float(per_seed[s][arm][figure]) for s in sorted(per_seed))
+            )
     return table

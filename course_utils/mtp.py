@@ -27,8 +27,14 @@ from torch import Tensor, nn
 from .model import DeepSeekForCausalLM
 from .train import language_model_loss
 
-__all__ = ["MTPOutput", "SpeculativeStats", "mtp_forward", "mtp_loss_fn",
-           "mtp_parameter_count", "speculative_generate"]
+__all__ = [
+    "MTPOutput",
+    "SpeculativeStats",
+    "mtp_forward",
+    "mtp_loss_fn",
+    "mtp_parameter_count",
+    "speculative_generate",
+]
 
 
 @dataclass
@@ -45,8 +51,10 @@ class MTPOutput:
 def _check_mtp(model: DeepSeekForCausalLM) -> int:
     depth = len(getattr(model, "mtp", ()))
     if depth == 0:
-        raise ValueError("this model has no MTP modules; build it with a DeepSeekConfig whose "
-                         "num_nextn_predict_layers >= 1")
+        raise ValueError(
+            "this model has no MTP modules; build it with a DeepSeekConfig whose "
+            "num_nextn_predict_layers >= 1"
+        )
     return depth
 
 
@@ -69,12 +77,16 @@ def mtp_forward(model: DeepSeekForCausalLM, input_ids: Tensor, targets: Tensor) 
     """
     depth = _check_mtp(model)
     if input_ids.shape != targets.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids and targets must both be (batch, T), got "
-                         f"{tuple(input_ids.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"input_ids and targets must both be (batch, T), got "
+            f"{tuple(input_ids.shape)} and {tuple(targets.shape)}"
+        )
     t = input_ids.shape[1]
     if t <= depth:
-        raise ValueError(f"sequences of {t} tokens are too short for {depth} MTP depths; use "
-                         f"more than {depth} tokens")
+        raise ValueError(
+            f"sequences of {t} tokens are too short for {depth} MTP depths; use "
+            f"more than {depth} tokens"
+        )
     logits, hidden = model.forward_with_hidden(input_ids)
     out = MTPOutput(logits, hidden)
     h = hidden
@@ -87,8 +99,9 @@ def mtp_forward(model: DeepSeekForCausalLM, input_ids: Tensor, targets: Tensor) 
     return out
 
 
-def mtp_loss_fn(lam: float = 0.3, record: list[list[float]] | None = None
-                ) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]:
+def mtp_loss_fn(
+    lam: float = 0.3, record: list[list[float]] | None = None
+) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]:
     """A ``compute_loss`` for :func:`course_utils.train.train_language_model`:
     ``(model, x, y) -> (main LM loss, main + lam / D * sum of the D depth losses)``.
 
@@ -100,8 +113,10 @@ def mtp_loss_fn(lam: float = 0.3, record: list[list[float]] | None = None
     def compute(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         out = mtp_forward(model, x, y)
         main = language_model_loss(out.logits, y)
-        depth_losses = [language_model_loss(logits, y[:, k:])
-                        for k, logits in enumerate(out.mtp_logits, start=1)]
+        depth_losses = [
+            language_model_loss(logits, y[:, k:])
+            for k, logits in enumerate(out.mtp_logits, start=1)
+        ]
         if record is not None:
             record.append([d.item() for d in depth_losses])
         return main, main + lam / len(depth_losses) * sum(depth_losses)
@@ -132,9 +147,12 @@ class SpeculativeStats:
 
 
 @torch.no_grad()
-def speculative_generate(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_tokens: int,
-                         eos_token_id: int | None = None
-                         ) -> tuple[Tensor, SpeculativeStats]:
+def speculative_generate(
+    model: DeepSeekForCausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> tuple[Tensor, SpeculativeStats]:
     """Greedy decoding of one sequence (1, t) with MTP depth 1 as the draft model.
 
     Each step feeds the pending token and the MTP draft of the token after it to the main
@@ -146,8 +164,10 @@ def speculative_generate(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_
     """
     _check_mtp(model)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"speculative_generate decodes one sequence: input_ids must be (1, t), "
-                         f"got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"speculative_generate decodes one sequence: input_ids must be (1, t), "
+            f"got {tuple(input_ids.shape)}"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     was_training = model.training
@@ -192,8 +212,9 @@ def speculative_generate(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_
             new = [pending]
             guess = draft(hidden[:, :1], torch.tensor([[pending]], device=input_ids.device))
         for token in new:
-            if len(out) < max_new_tokens and not (eos_token_id is not None
-                                                  and out[-1] == eos_token_id):
+            if len(out) < max_new_tokens and not (
+                eos_token_id is not None and out[-1] == eos_token_id
+            ):
                 out.append(token)
     stats.new_tokens = len(out)
     model.train(was_training)

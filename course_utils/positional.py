@@ -43,8 +43,9 @@ __all__ = [
 
 def _check_even(dim: int, name: str = "dim") -> None:
     if dim < 2 or dim % 2:
-        raise ValueError(f"{name} must be a positive even number (dimensions rotate in pairs), "
-                         f"got {dim}")
+        raise ValueError(
+            f"{name} must be a positive even number (dimensions rotate in pairs), got {dim}"
+        )
 
 
 # -- naive encodings ----------------------------------------------------------------------
@@ -73,8 +74,10 @@ def binary_encoding(seq_len: int, n_bits: int) -> Tensor:
     if seq_len < 1 or n_bits < 1:
         raise ValueError(f"seq_len and n_bits must be >= 1, got {seq_len}, {n_bits}")
     if seq_len > 2**n_bits:
-        raise ValueError(f"{n_bits} bits tell apart only {2**n_bits} positions, not {seq_len}; "
-                         f"use n_bits >= {math.ceil(math.log2(seq_len))}")
+        raise ValueError(
+            f"{n_bits} bits tell apart only {2**n_bits} positions, not {seq_len}; "
+            f"use n_bits >= {math.ceil(math.log2(seq_len))}"
+        )
     pos = torch.arange(seq_len)[:, None]
     return ((pos >> torch.arange(n_bits)) & 1).float()
 
@@ -106,8 +109,9 @@ def rope_inv_freq(dim: int, base: float = 10000.0) -> Tensor:
     return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0
-                 ) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """cos and sin of every (position, pair) angle, each (len(positions), dim // 2), float32.
 
     ``attention_factor`` multiplies both (YaRN's cos/sin scaling; 1 without YaRN).
@@ -128,13 +132,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = True) ->
     d = x.shape[-1]
     _check_even(d, "the last dimension of x")
     if cos.shape != sin.shape or cos.shape[-1] != d // 2 or cos.shape[0] != x.shape[-2]:
-        raise ValueError(f"cos and sin must be (seq={x.shape[-2]}, {d // 2}), got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+        raise ValueError(
+            f"cos and sin must be (seq={x.shape[-2]}, {d // 2}), got "
+            f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     xf = x.float()
     if interleaved:
         a, b = xf[..., 0::2], xf[..., 1::2]
     else:
-        a, b = xf[..., : d // 2], xf[..., d // 2:]
+        a, b = xf[..., : d // 2], xf[..., d // 2 :]
     ra, rb = a * cos - b * sin, a * sin + b * cos
     if interleaved:
         out = torch.stack((ra, rb), dim=-1).flatten(-2)
@@ -157,7 +163,7 @@ def half_split_to_interleaved(x: Tensor) -> Tensor:
     """The inverse of :func:`interleaved_to_half_split`."""
     d = x.shape[-1]
     _check_even(d, "the last dimension of x")
-    return torch.stack((x[..., : d // 2], x[..., d // 2:]), dim=-1).flatten(-2)
+    return torch.stack((x[..., : d // 2], x[..., d // 2 :]), dim=-1).flatten(-2)
 
 
 # -- YaRN -------------------------------------------------------------------------------------
@@ -187,11 +193,14 @@ class YarnScaling:
         if self.factor <= 0:
             raise ValueError(f"YaRN factor must be > 0, got {self.factor}")
         if self.original_max_position_embeddings < 1:
-            raise ValueError("original_max_position_embeddings must be >= 1, got "
-                             f"{self.original_max_position_embeddings}")
+            raise ValueError(
+                "original_max_position_embeddings must be >= 1, got "
+                f"{self.original_max_position_embeddings}"
+            )
         if self.beta_fast <= self.beta_slow:
-            raise ValueError(f"beta_fast ({self.beta_fast}) must exceed beta_slow "
-                             f"({self.beta_slow})")
+            raise ValueError(
+                f"beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})"
+            )
 
     @classmethod
     def from_hf(cls, rope_scaling: Mapping[str, Any]) -> YarnScaling:
@@ -213,7 +222,8 @@ class YarnScaling:
         """What YaRN multiplies cos and sin by (1.0 when mscale == mscale_all_dim, as in V2/V3)."""
         if self.mscale and self.mscale_all_dim:
             return yarn_get_mscale(self.factor, self.mscale) / yarn_get_mscale(
-                self.factor, self.mscale_all_dim)
+                self.factor, self.mscale_all_dim
+            )
         return yarn_get_mscale(self.factor)
 
     @property
@@ -264,8 +274,13 @@ class RotaryEmbedding(nn.Module):
 
     inv_freq: Tensor
 
-    def __init__(self, dim: int, base: float = 10000.0, yarn: YarnScaling | None = None,
-                 interleaved: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        base: float = 10000.0,
+        yarn: YarnScaling | None = None,
+        interleaved: bool = True,
+    ) -> None:
         super().__init__()
         _check_even(dim, "rotary dim")
         self.dim, self.base, self.yarn, self.interleaved = dim, base, yarn, interleaved

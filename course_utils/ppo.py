@@ -48,8 +48,17 @@ from .rl import (
 from .runtime import device_of
 from .train import make_optimizer
 
-__all__ = ["ValueModel", "token_values", "terminal_rewards", "gae", "value_loss", "PPOConfig",
-           "ppo_step", "train_ppo", "memory_footprint"]
+__all__ = [
+    "ValueModel",
+    "token_values",
+    "terminal_rewards",
+    "gae",
+    "value_loss",
+    "PPOConfig",
+    "ppo_step",
+    "train_ppo",
+    "memory_footprint",
+]
 
 
 class ValueModel(nn.Module):
@@ -65,8 +74,10 @@ class ValueModel(nn.Module):
     def __init__(self, policy: nn.Module):
         super().__init__()
         if not hasattr(policy, "forward_with_hidden"):
-            raise ValueError(f"{type(policy).__name__} has no forward_with_hidden(ids) -> "
-                             "(logits, hidden); the critic needs the policy's hidden states")
+            raise ValueError(
+                f"{type(policy).__name__} has no forward_with_hidden(ids) -> "
+                "(logits, hidden); the critic needs the policy's hidden states"
+            )
         body = copy.deepcopy(policy)
         head = getattr(body, "lm_head", None)
         embed = getattr(getattr(body, "model", body), "embed_tokens", None)
@@ -78,8 +89,9 @@ class ValueModel(nn.Module):
         for p in body.parameters():
             p.requires_grad_(True)
         self.body = body
-        hidden = self._hidden(torch.zeros(1, 1, dtype=torch.long,
-                                          device=device_of(policy))).shape[-1]
+        hidden = self._hidden(torch.zeros(1, 1, dtype=torch.long, device=device_of(policy))).shape[
+            -1
+        ]
         self.head = nn.Linear(hidden, 1).to(device_of(policy))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -96,29 +108,34 @@ def token_values(critic: nn.Module, prompt_ids: Tensor, completion_ids: Tensor) 
     predicts token t (the state before it), from one forward over prompt + completion[:-1],
     aligned like :func:`course_utils.rl.completion_logprobs`."""
     if prompt_ids.shape[0] != completion_ids.shape[0]:
-        raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows, completion_ids "
-                         f"{completion_ids.shape[0]}")
+        raise ValueError(
+            f"prompt_ids has {prompt_ids.shape[0]} rows, completion_ids {completion_ids.shape[0]}"
+        )
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    return critic(ids[:, :-1])[:, prompt_ids.shape[1] - 1:]
+    return critic(ids[:, :-1])[:, prompt_ids.shape[1] - 1 :]
 
 
 def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
     """Per-token rewards (N, T) float32: ``scores`` (N,) at each completion's last masked token,
     0 elsewhere (a verifier scores the whole answer, once it is finished)."""
     if mask.dim() != 2 or scores.shape != (mask.shape[0],):
-        raise ValueError(f"scores must be (N,) and mask (N, T); got {tuple(scores.shape)} and "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"scores must be (N,) and mask (N, T); got {tuple(scores.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
     lengths = mask.long().sum(dim=1)
     if (lengths == 0).any():
         raise ValueError("a completion has no tokens in mask")
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     out[torch.arange(mask.shape[0], device=mask.device), lengths - 1] = scores.float().to(
-        mask.device)
+        mask.device
+    )
     return out
 
 
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over completions of different lengths.
 
     rewards, values, mask: (N, T); mask True on each completion's tokens (a prefix of the row).
@@ -128,8 +145,10 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     ``lam = 1`` gives Monte-Carlo returns minus V; ``lam = 0`` the one-step TD error.
     """
     if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
-        raise ValueError(f"rewards, values and mask must all be (N, T); got "
-                         f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"rewards, values and mask must all be (N, T); got "
+            f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}"
+        )
     if not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0:
         raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
     m = mask.to(torch.float32)
@@ -147,8 +166,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
     return advantages, (advantages + v) * m
 
 
-def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-               clip: float | None = 0.2) -> Tensor:
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = 0.2
+) -> Tensor:
     """PPO's clipped value loss, mean over masked tokens:
     ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2)``; ``clip=None``
     gives the plain squared error. All arguments (N, T); gradients flow through ``values``."""
@@ -197,8 +217,10 @@ class PPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.critic_lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"lr, critic_lr and temperature must be > 0, got {self.lr}, "
-                             f"{self.critic_lr}, {self.temperature}")
+            raise ValueError(
+                f"lr, critic_lr and temperature must be > 0, got {self.lr}, "
+                f"{self.critic_lr}, {self.temperature}"
+            )
         if not self.clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0 (0.2 is usual), got {self.clip_eps}")
         if self.value_clip is not None and not self.value_clip > 0:
@@ -244,20 +266,26 @@ def ppo_step(
     reward_fn = reward_fn or make_reward_fn(dict(config.reward_weights or {"correctness": 1.0}))
     max_new = config.max_new_tokens or task.default_max_new_tokens
     prompts = task.encode_prompts(problems, device_of(policy))
-    samples = sample_groups(policy, prompts, 1, max_new, config.temperature, task.eos_token_id,
-                            generator)
+    samples = sample_groups(
+        policy, prompts, 1, max_new, config.temperature, task.eos_token_id, generator
+    )
     texts = task.decode_completions(samples.completion_ids)
     scored = reward_fn(list(problems), texts)
     scores = check_rewards(getattr(scored, "total", scored), len(problems), "reward_fn")
     mask = samples.mask
     with torch.no_grad():
         old_values = token_values(critic, samples.prompt_ids, samples.completion_ids)
-        logp_old = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
-                                       config.temperature)
+        logp_old = completion_logprobs(
+            policy, samples.prompt_ids, samples.completion_ids, config.temperature
+        )
         rewards = terminal_rewards(scores.to(mask.device), mask)
         if config.beta > 0:
-            logp_ref = completion_logprobs(reference, samples.prompt_ids,  # type: ignore[arg-type]
-                                           samples.completion_ids, config.temperature)
+            logp_ref = completion_logprobs(
+                reference,
+                samples.prompt_ids,  # type: ignore[arg-type]
+                samples.completion_ids,
+                config.temperature,
+            )
             rewards = rewards - config.beta * (logp_old - logp_ref) * mask
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         m = mask.float()
@@ -271,10 +299,12 @@ def ppo_step(
     p_params = [p for p in policy.parameters() if p.requires_grad]
     c_params = [p for p in critic.parameters() if p.requires_grad]
     for _ in range(config.updates_per_batch):
-        logp_new = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
-                                       config.temperature)
-        loss, stats = grpo_loss(logp_new, logp_old, None, advantages, mask, config.clip_eps,
-                                0.0, aggregation="token")
+        logp_new = completion_logprobs(
+            policy, samples.prompt_ids, samples.completion_ids, config.temperature
+        )
+        loss, stats = grpo_loss(
+            logp_new, logp_old, None, advantages, mask, config.clip_eps, 0.0, aggregation="token"
+        )
         policy_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -338,18 +368,40 @@ def train_ppo(
         "critic": make_optimizer(critic, config.critic_lr, 0.0, betas=(0.9, 0.99)),
     }
 
-    def step_fn(task: ArithmeticTask, batch: Sequence[ArithmeticProblem],
-                generator: torch.Generator) -> dict[str, float]:
-        return ppo_step(policy, critic, optimizers["policy"], optimizers["critic"],  # type: ignore[arg-type]
-                        task, batch, config, reference, reward_fn, generator)
+    def step_fn(
+        task: ArithmeticTask, batch: Sequence[ArithmeticProblem], generator: torch.Generator
+    ) -> dict[str, float]:
+        return ppo_step(
+            policy,
+            critic,
+            optimizers["policy"],
+            optimizers["critic"],  # type: ignore[arg-type]
+            task,
+            batch,
+            config,
+            reference,
+            reward_fn,
+            generator,
+        )
 
-    history = run_policy_loop(policy, problems, steps, config.prompts_per_step, step_fn,
-                              eval_problems, eval_every, seed, progress, desc)
+    history = run_policy_loop(
+        policy,
+        problems,
+        steps,
+        config.prompts_per_step,
+        step_fn,
+        eval_problems,
+        eval_every,
+        seed,
+        progress,
+        desc,
+    )
     return history, critic, optimizers
 
 
-def memory_footprint(models: Mapping[str, nn.Module],
-                     optimizers: Sequence[torch.optim.Optimizer] = ()) -> dict[str, int]:
+def memory_footprint(
+    models: Mapping[str, nn.Module], optimizers: Sequence[torch.optim.Optimizer] = ()
+) -> dict[str, int]:
     """Bytes held, measured from the tensors themselves: each named model's parameters and
     buffers (a tensor shared between models is counted once, under the first name), and
     ``"optimizer state"``, every tensor in the optimizers' state (AdamW: two per trained

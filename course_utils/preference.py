@@ -67,35 +67,48 @@ def build_preference_pairs(
     completions, chosen at random with ``seed``). An empty completion is never used: it has
     no token to learn from."""
     if samples_per_problem < 2:
-        raise ValueError(f"samples_per_problem must be >= 2 to find a right and a wrong "
-                         f"answer, got {samples_per_problem}")
+        raise ValueError(
+            f"samples_per_problem must be >= 2 to find a right and a wrong "
+            f"answer, got {samples_per_problem}"
+        )
     if pairs_per_problem < 1:
         raise ValueError(f"pairs_per_problem must be >= 1, got {pairs_per_problem}")
     start = time.perf_counter()
-    texts = generate_completions(model, problems, greedy=False, temperature=temperature,
-                                 samples=samples_per_problem, generator=generator, task=task)
+    texts = generate_completions(
+        model,
+        problems,
+        greedy=False,
+        temperature=temperature,
+        samples=samples_per_problem,
+        generator=generator,
+        task=task,
+    )
     rng = random.Random(seed)
     out_p, out_c, out_r = [], [], []
     for i, problem in enumerate(problems):
-        group = texts[i * samples_per_problem:(i + 1) * samples_per_problem]
+        group = texts[i * samples_per_problem : (i + 1) * samples_per_problem]
         right = sorted({c for c in group if verifier(problem, c)})
         wrong = sorted({c for c in group if not verifier(problem, c) and c.strip()})
         for _ in range(min(pairs_per_problem, len(right), len(wrong))):
             out_p.append(problem)
             out_c.append(right.pop(rng.randrange(len(right))))
             out_r.append(wrong.pop(rng.randrange(len(wrong))))
-    return PreferencePairs(out_p, out_c, out_r, len(texts), len(problems),
-                           time.perf_counter() - start)
+    return PreferencePairs(
+        out_p, out_c, out_r, len(texts), len(problems), time.perf_counter() - start
+    )
 
 
-def dpo_tensors(pairs: PreferencePairs, task: ArithmeticTask | None = None
-                ) -> tuple[Tensor, Tensor]:
+def dpo_tensors(
+    pairs: PreferencePairs, task: ArithmeticTask | None = None
+) -> tuple[Tensor, Tensor]:
     """(inputs, targets), each (2P, L): rows 0..P-1 the chosen lines, rows P..2P-1 the
     rejected ones, targets -100 outside the completions (:func:`course_utils.distill.
     sft_tensors` on both at once, so they share one width)."""
     if not len(pairs):
-        raise ValueError("no preference pairs: every prompt's samples were all right or all "
-                         "wrong; sample more per prompt or use more prompts")
+        raise ValueError(
+            "no preference pairs: every prompt's samples were all right or all "
+            "wrong; sample more per prompt or use more prompts"
+        )
     return sft_tensors(pairs.problems * 2, pairs.chosen + pairs.rejected, task)
 
 
@@ -161,7 +174,14 @@ def train_dpo(
         return loss, loss
 
     trainer_kwargs.setdefault("weight_decay", 0.0)
-    trainer = Trainer(policy, get_batch, steps, lr=lr, hooks={"compute_loss": compute_loss},
-                      desc=desc, **trainer_kwargs)
+    trainer = Trainer(
+        policy,
+        get_batch,
+        steps,
+        lr=lr,
+        hooks={"compute_loss": compute_loss},
+        desc=desc,
+        **trainer_kwargs,
+    )
     result = trainer.train(progress=progress)
     return DPORun(result, stats, trainer.optimizer)

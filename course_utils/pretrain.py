@@ -95,14 +95,18 @@ class PretrainConfig:
         if self.mtp_lambda < 0:
             raise ValueError(f"mtp_lambda must be >= 0, got {self.mtp_lambda}")
         if self.batch_size > self.n_train_lines:
-            raise ValueError(f"batch_size={self.batch_size} is larger than the data "
-                             f"(n_train_lines={self.n_train_lines}); use more lines or a "
-                             "smaller batch")
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the data "
+                f"(n_train_lines={self.n_train_lines}); use more lines or a "
+                "smaller batch"
+            )
 
     def model_config(self, vocab_size: int) -> DeepSeekConfig:
-        config = DeepSeekConfig.preset(self.preset, vocab_size=vocab_size,
-                                       **{"num_nextn_predict_layers": self.mtp_depth,
-                                          **dict(self.overrides)})
+        config = DeepSeekConfig.preset(
+            self.preset,
+            vocab_size=vocab_size,
+            **{"num_nextn_predict_layers": self.mtp_depth, **dict(self.overrides)},
+        )
         return config.dense_baseline() if self.dense else config
 
     def spec(self) -> dict[str, Any]:
@@ -119,8 +123,9 @@ def course_config(**changes: Any) -> PretrainConfig:
     from . import runtime
 
     sizes = {
-        "smoke": dict(steps=30, batch_size=16, n_train_lines=1000, eval_every=15,
-                      n_eval_problems=16),
+        "smoke": dict(
+            steps=30, batch_size=16, n_train_lines=1000, eval_every=15, n_eval_problems=16
+        ),
         "default": {},
         "gpu": dict(preset="gpu", steps=2000, batch_size=128, lr=1e-3, n_train_lines=50000),
     }
@@ -156,24 +161,39 @@ class Pretrainer:
         self.device = torch.device(device or "cpu")
         self.task = ArithmeticTask()
         torch.manual_seed(config.seed)
-        self.corpus = self.task.training_tokens(config.n_train_lines, seed=config.seed,
-                                                worked_fraction=config.worked_fraction)
+        self.corpus = self.task.training_tokens(
+            config.n_train_lines, seed=config.seed, worked_fraction=config.worked_fraction
+        )
         self.model = DeepSeekForCausalLM(config.model_config(self.task.vocab_size)).to(self.device)
-        self.balancer = (AuxLossFreeBalancer(self.model)
-                         if config.balance and self.model.moe_layers() else None)
+        self.balancer = (
+            AuxLossFreeBalancer(self.model) if config.balance and self.model.moe_layers() else None
+        )
         # One padded line a row, completion tokens only: every answer is learned at the
         # positions it has when a prompt is answered (see ArithmeticTask.lm_batches).
-        get_batch = self.task.lm_batches(self.corpus, config.batch_size, device=self.device,
-                                         layout=config.layout, prompt_loss=config.prompt_loss)
-        self.eval_problems = self.task.problems(config.n_eval_problems, seed=config.seed + 1,
-                                                split="test")
+        get_batch = self.task.lm_batches(
+            self.corpus,
+            config.batch_size,
+            device=self.device,
+            layout=config.layout,
+            prompt_loss=config.prompt_loss,
+        )
+        self.eval_problems = self.task.problems(
+            config.n_eval_problems, seed=config.seed + 1, split="test"
+        )
         self.history = History()
         hooks: dict[str, Any] = {"after_step": self._after_step}
         if config.mtp_depth:
             hooks["compute_loss"] = mtp_loss_fn(config.mtp_lambda, record=self.history.mtp_loss)
-        self.trainer = Trainer(self.model, get_batch, config.steps, lr=config.lr,
-                               weight_decay=config.weight_decay, warmup_frac=config.warmup_frac,
-                               hooks=hooks, desc="pretraining")
+        self.trainer = Trainer(
+            self.model,
+            get_batch,
+            config.steps,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            warmup_frac=config.warmup_frac,
+            hooks=hooks,
+            desc="pretraining",
+        )
         self._progress: Any = None
 
     @property
@@ -194,8 +214,9 @@ class Pretrainer:
         h, c = self.history, self.config
         h.loss.append(loss)
         h.lr.append(self.trainer.optimizer.param_groups[0]["lr"])
-        h.loads.append([(m.last_counts / m.last_counts.sum()).tolist()
-                        for m in self.model.moe_layers()])
+        h.loads.append(
+            [(m.last_counts / m.last_counts.sum()).tolist() for m in self.model.moe_layers()]
+        )
         if self.balancer is not None:
             self.balancer.step()
         done = step + 1
@@ -219,8 +240,9 @@ class Pretrainer:
 
     def save(self, path: str | Path) -> Path:
         """Model, optimizer, RNG states, step, history and config, into directory ``path``."""
-        return self.trainer.save(path, {"config": self.config.spec(),
-                                        "history": dataclasses.asdict(self.history)})
+        return self.trainer.save(
+            path, {"config": self.config.spec(), "history": dataclasses.asdict(self.history)}
+        )
 
     @classmethod
     def resume(cls, path: str | Path, device: torch.device | str | None = None) -> Pretrainer:
@@ -243,19 +265,27 @@ def checkpoint_path(config: PretrainConfig, root: str | Path | None = None) -> P
     return artifact_path(ARTIFACT_KIND, config.spec(), root)
 
 
-def save_pretrained(model: DeepSeekForCausalLM, config: PretrainConfig,
-                    root: str | Path | None = None) -> Path:
+def save_pretrained(
+    model: DeepSeekForCausalLM, config: PretrainConfig, root: str | Path | None = None
+) -> Path:
     """Save ``model``, trained by the run ``config``, where :func:`load_or_pretrain` will find
     it (a Hugging Face checkpoint in :func:`checkpoint_path`). An intact artifact of the same
     run and code that is already there is kept. Returns that directory."""
-    return load_or_build(ARTIFACT_KIND, config.spec(),
-                         build=lambda path: save_hf_checkpoint(model, path),
-                         load=lambda path: path, root=root)
+    return load_or_build(
+        ARTIFACT_KIND,
+        config.spec(),
+        build=lambda path: save_hf_checkpoint(model, path),
+        load=lambda path: path,
+        root=root,
+    )
 
 
-def load_or_pretrain(config: PretrainConfig | None = None, device: torch.device | str | None = None,
-                     root: str | Path | None = None, progress: bool = True
-                     ) -> DeepSeekForCausalLM:
+def load_or_pretrain(
+    config: PretrainConfig | None = None,
+    device: torch.device | str | None = None,
+    root: str | Path | None = None,
+    progress: bool = True,
+) -> DeepSeekForCausalLM:
     """The pretrained mini-DeepSeek of ``config`` (default :func:`course_config`, notebook
     21's run): loaded from its artifact (:func:`checkpoint_path`) when this code saved it
     before, else trained now (minutes on a CPU) and saved there. Returned in eval mode on
@@ -267,5 +297,10 @@ def load_or_pretrain(config: PretrainConfig | None = None, device: torch.device 
         run.train(progress=progress)
         save_hf_checkpoint(run.model, path)
 
-    return load_or_build(ARTIFACT_KIND, config.spec(), build,
-                         lambda path: load_hf_checkpoint(path, device=device).eval(), root)
+    return load_or_build(
+        ARTIFACT_KIND,
+        config.spec(),
+        build,
+        lambda path: load_hf_checkpoint(path, device=device).eval(),
+        root,
+    )

@@ -88,6 +88,7 @@ __all__ = [
 
 RewardFn = Callable[[ArithmeticProblem, str], float]
 
+
 def correctness_reward(problem: ArithmeticProblem, completion: str) -> float:
     """1.0 when the completion's final answer equals the sum, else 0.0.
 
@@ -136,17 +137,22 @@ def make_reward_fn(
         raise ValueError("weights is empty; name at least one reward, e.g. {'correctness': 1}")
     unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known: {sorted(known)} (pass your own "
-                         "in reward_fns)")
+        raise ValueError(
+            f"unknown reward(s) {unknown}; known: {sorted(known)} (pass your own in reward_fns)"
+        )
 
     def reward_fn(problems: Sequence[ArithmeticProblem], completions: Sequence[str]) -> Rewards:
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         components = {
             name: check_rewards(
-                torch.tensor([float(known[name](p, c)) for p, c in
-                              zip(problems, completions, strict=True)], dtype=torch.float32),
-                len(completions), f"reward {name!r}")
+                torch.tensor(
+                    [float(known[name](p, c)) for p, c in zip(problems, completions, strict=True)],
+                    dtype=torch.float32,
+                ),
+                len(completions),
+                f"reward {name!r}",
+            )
             for name in weights
         }
         total = sum(w * components[name] for name, w in weights.items())
@@ -160,15 +166,20 @@ def check_rewards(rewards: object, n: int, name: str = "reward_fn") -> Tensor:
     a tensor of n finite numbers (a NaN reward would silently poison every advantage of its
     group)."""
     if not isinstance(rewards, Tensor):
-        raise ValueError(f"{name} must return a tensor of {n} rewards, got "
-                         f"{type(rewards).__name__}")
+        raise ValueError(
+            f"{name} must return a tensor of {n} rewards, got {type(rewards).__name__}"
+        )
     if rewards.shape != (n,):
-        raise ValueError(f"{name} returned shape {tuple(rewards.shape)}; expected ({n},), one "
-                         "reward per completion")
+        raise ValueError(
+            f"{name} returned shape {tuple(rewards.shape)}; expected ({n},), one "
+            "reward per completion"
+        )
     if not torch.isfinite(rewards).all():
         bad = int((~torch.isfinite(rewards)).sum())
-        raise ValueError(f"{name} returned {bad} non-finite reward(s) (NaN or inf); make the "
-                         "verifier return a number for every completion, e.g. 0 for unparsable")
+        raise ValueError(
+            f"{name} returned {bad} non-finite reward(s) (NaN or inf); make the "
+            "verifier return a number for every completion, e.g. 0 for unparsable"
+        )
     return rewards.float()
 
 
@@ -239,29 +250,43 @@ def sample_groups(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0: a group of greedy completions is G copies "
-                         f"of one, got {temperature}")
+        raise ValueError(
+            f"temperature must be > 0: a group of greedy completions is G copies "
+            f"of one, got {temperature}"
+        )
     repeated = prompts.repeat_interleave(group_size, dim=0)
-    ids, logits = generate(model, repeated, max_new_tokens, temperature=temperature,
-                           eos_token_id=eos_token_id, generator=generator, return_logits=True)
-    completions = ids[:, prompts.shape[1]:]
+    ids, logits = generate(
+        model,
+        repeated,
+        max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_token_id,
+        generator=generator,
+        return_logits=True,
+    )
+    completions = ids[:, prompts.shape[1] :]
     mask = completion_mask(completions, eos_token_id)
     logprobs = _token_logprobs(logits, completions, temperature).masked_fill(~mask, 0.0)
     return GroupSamples(repeated, completions, logprobs, mask, group_size, temperature)
 
 
-def completion_logprobs(model: nn.Module | CausalLM, prompt_ids: Tensor, completion_ids: Tensor,
-                        temperature: float = 1.0) -> Tensor:
+def completion_logprobs(
+    model: nn.Module | CausalLM,
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    temperature: float = 1.0,
+) -> Tensor:
     """Log-probabilities (N, T) of ``completion_ids`` (N, T) after ``prompt_ids`` (N, P), from
     one full forward pass (with gradients unless called under ``torch.no_grad``). Use the
     sampling temperature so that, before any update, they equal the sampler's."""
     if prompt_ids.shape[0] != completion_ids.shape[0]:
-        raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows, completion_ids "
-                         f"{completion_ids.shape[0]}")
+        raise ValueError(
+            f"prompt_ids has {prompt_ids.shape[0]} rows, completion_ids {completion_ids.shape[0]}"
+        )
     if completion_ids.shape[1] == 0:
         raise ValueError("completion_ids has no tokens")
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    logits = model(ids[:, :-1])[:, prompt_ids.shape[1] - 1:]
+    logits = model(ids[:, :-1])[:, prompt_ids.shape[1] - 1 :]
     return _token_logprobs(logits, completion_ids, temperature)
 
 
@@ -281,11 +306,13 @@ def group_advantages(rewards: Tensor, eps: float = 1e-4, scale_std: bool = True)
     no signal (see :func:`count_zero_variance_groups`).
     """
     if rewards.dim() != 2:
-        raise ValueError(f"rewards must be (B, G), one row per group, got shape "
-                         f"{tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be (B, G), one row per group, got shape {tuple(rewards.shape)}"
+        )
     if rewards.shape[1] < 2:
-        raise ValueError(f"groups need at least 2 completions to compare, got G = "
-                         f"{rewards.shape[1]}")
+        raise ValueError(
+            f"groups need at least 2 completions to compare, got G = {rewards.shape[1]}"
+        )
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     rewards = rewards.float()
@@ -367,30 +394,38 @@ def grpo_loss(
         raise ValueError(f"logp_new must be (N, T), got shape {tuple(logp_new.shape)}")
     for name, t in (("logp_old", logp_old), ("mask", mask)):
         if t.shape != logp_new.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected "
-                             f"{tuple(logp_new.shape)} like logp_new")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {tuple(logp_new.shape)} like logp_new"
+            )
     if logp_ref is not None and logp_ref.shape != logp_new.shape:
-        raise ValueError(f"logp_ref has shape {tuple(logp_ref.shape)}, expected "
-                         f"{tuple(logp_new.shape)} like logp_new")
+        raise ValueError(
+            f"logp_ref has shape {tuple(logp_ref.shape)}, expected "
+            f"{tuple(logp_new.shape)} like logp_new"
+        )
     if beta != 0 and logp_ref is None:
-        raise ValueError(f"beta={beta} needs logp_ref, the reference model's log-probs; pass "
-                         "them or set beta=0")
+        raise ValueError(
+            f"beta={beta} needs logp_ref, the reference model's log-probs; pass them or set beta=0"
+        )
     if beta < 0 or clip_eps < 0:
         raise ValueError(f"beta and clip_eps must be >= 0, got beta={beta}, clip_eps={clip_eps}")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if off_policy_mask is not None and not off_policy_mask >= 0:
-        raise ValueError(f"off_policy_mask must be a threshold >= 0 on the mean per-token "
-                         f"log(pi_old / pi_theta), or None to keep every completion; got "
-                         f"{off_policy_mask}")
+        raise ValueError(
+            f"off_policy_mask must be a threshold >= 0 on the mean per-token "
+            f"log(pi_old / pi_theta), or None to keep every completion; got "
+            f"{off_policy_mask}"
+        )
     n, t = logp_new.shape
     if advantages.shape == logp_new.shape:
         adv = advantages
     elif advantages.numel() == n:
         adv = advantages.reshape(n, 1)
     else:
-        raise ValueError(f"advantages must have N={n} elements (one per completion) or shape "
-                         f"{(n, t)}, got shape {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must have N={n} elements (one per completion) or shape "
+            f"{(n, t)}, got shape {tuple(advantages.shape)}"
+        )
     mask = mask.bool()
     adv = adv.to(logp_new.dtype)
     # zero the masked entries first, so junk there (even inf) cannot leak in through 0 * inf
@@ -403,7 +438,8 @@ def grpo_loss(
     keep = torch.ones(n, 1, dtype=new.dtype, device=new.device)
     if off_policy_mask is not None:
         drift = ((old - new.detach()) * maskf).sum(1, keepdim=True) / maskf.sum(
-            1, keepdim=True).clamp(min=1.0)
+            1, keepdim=True
+        ).clamp(min=1.0)
         negative = (adv < 0).any(dim=1, keepdim=True)  # per completion (or any token of it)
         keep = (~(negative & (drift > off_policy_mask))).to(new.dtype)
         objective = objective * keep
@@ -441,13 +477,20 @@ def sequence_logprobs(token_logprobs: Tensor, mask: Tensor) -> Tensor:
     """log pi(completion | prompt) per row: the sum of ``token_logprobs`` (N, T) over the
     tokens where ``mask`` (N, T) is True (what masked positions hold does not matter). -> (N,)."""
     if token_logprobs.dim() != 2 or mask.shape != token_logprobs.shape:
-        raise ValueError(f"token_logprobs and mask must both be (N, T), got "
-                         f"{tuple(token_logprobs.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"token_logprobs and mask must both be (N, T), got "
+            f"{tuple(token_logprobs.shape)} and {tuple(mask.shape)}"
+        )
     return token_logprobs.masked_fill(~mask.bool(), 0.0).sum(dim=1)
 
 
-def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, ref_chosen: Tensor,
-             ref_rejected: Tensor, beta: float = 0.1) -> tuple[Tensor, dict[str, float]]:
+def dpo_loss(
+    logp_chosen: Tensor,
+    logp_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, dict[str, float]]:
     """Direct preference optimisation (Rafailov et al. 2023, eq. 7), to minimise.
 
     Each argument is (P,): the sequence log-probability (:func:`sequence_logprobs`) of the
@@ -459,18 +502,23 @@ def dpo_loss(logp_chosen: Tensor, logp_rejected: Tensor, ref_chosen: Tensor,
     and ``margin`` (mean reward difference).
     """
     if not beta > 0:
-        raise ValueError(f"beta must be > 0 (it scales the implicit reward; 0.1 is usual), got "
-                         f"{beta}")
+        raise ValueError(
+            f"beta must be > 0 (it scales the implicit reward; 0.1 is usual), got {beta}"
+        )
     shapes = {t.shape for t in (logp_chosen, logp_rejected, ref_chosen, ref_rejected)}
     if len(shapes) != 1 or logp_chosen.dim() != 1:
-        raise ValueError(f"the four log-probs must all be (P,), one per pair; got shapes "
-                         f"{sorted(tuple(s) for s in shapes)}")
+        raise ValueError(
+            f"the four log-probs must all be (P,), one per pair; got shapes "
+            f"{sorted(tuple(s) for s in shapes)}"
+        )
     chosen = beta * (logp_chosen - ref_chosen.detach())
     rejected = beta * (logp_rejected - ref_rejected.detach())
     loss = -F.logsigmoid(chosen - rejected).mean()
     with torch.no_grad():
-        stats = {"accuracy": float((chosen > rejected).float().mean()),
-                 "margin": float((chosen - rejected).mean())}
+        stats = {
+            "accuracy": float((chosen > rejected).float().mean()),
+            "margin": float((chosen - rejected).mean()),
+        }
     return loss, stats
 
 
@@ -517,17 +565,19 @@ class GRPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages compare completions within "
-                             f"a group), got {self.group_size}")
+            raise ValueError(
+                f"group_size must be >= 2 (advantages compare completions within "
+                f"a group), got {self.group_size}"
+            )
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got "
-                             f"{self.aggregation!r}")
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError(f"temperature and lr must be > 0, got {self.temperature}, "
-                             f"{self.lr}")
+            raise ValueError(f"temperature and lr must be > 0, got {self.temperature}, {self.lr}")
         if not self.clip_eps > 0:
-            raise ValueError(f"clip_eps must be > 0 (the trust region is 1 +- clip_eps; 0.2 is "
-                             f"usual), got {self.clip_eps}")
+            raise ValueError(
+                f"clip_eps must be > 0 (the trust region is 1 +- clip_eps; 0.2 is "
+                f"usual), got {self.clip_eps}"
+            )
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0 (0: no KL penalty), got {self.beta}")
         if self.off_policy_mask is not None and not self.off_policy_mask >= 0:
@@ -597,15 +647,18 @@ def grpo_step(
     """
     start = time.perf_counter()
     if reference is None and config.beta > 0:
-        raise ValueError(f"beta={config.beta} needs a reference model; pass "
-                         "reference=make_reference(policy) or set beta=0")
+        raise ValueError(
+            f"beta={config.beta} needs a reference model; pass "
+            "reference=make_reference(policy) or set beta=0"
+        )
     reward_fn = reward_fn or make_reward_fn(config.reward_weights)
     device = device_of(policy)
     max_new = config.max_new_tokens or task.default_max_new_tokens
     g = config.group_size
     prompts = task.encode_prompts(problems, device)
-    samples = sample_groups(policy, prompts, g, max_new, config.temperature,
-                            task.eos_token_id, generator)
+    samples = sample_groups(
+        policy, prompts, g, max_new, config.temperature, task.eos_token_id, generator
+    )
     texts = task.decode_completions(samples.completion_ids)
     expanded = [p for p in problems for _ in range(g)]
     rewards = reward_fn(expanded, texts)
@@ -619,38 +672,60 @@ def grpo_step(
         raise ValueError("keep_routing=True needs an MoE policy (no DeepSeekMoE layer found)")
     track_routing = has_moe and (config.keep_routing or config.updates_per_batch > 1)
     with torch.no_grad():
-        logp_ref = (completion_logprobs(reference, samples.prompt_ids, samples.completion_ids,
-                                        config.temperature) if config.beta > 0 else None)
+        logp_ref = (
+            completion_logprobs(
+                reference, samples.prompt_ids, samples.completion_ids, config.temperature
+            )
+            if config.beta > 0
+            else None
+        )
         if track_routing:
             forget_routing(policy)
-        logp_old = (completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
-                                        config.temperature)
-                    if config.updates_per_batch > 1 or config.keep_routing else None)
+        logp_old = (
+            completion_logprobs(
+                policy, samples.prompt_ids, samples.completion_ids, config.temperature
+            )
+            if config.updates_per_batch > 1 or config.keep_routing
+            else None
+        )
         sampled_routing = recorded_routing(policy) if track_routing else None
     routing_stat: dict[str, float] = {}
     if track_routing:  # the completion tokens' rows of the flattened (N * (P + T - 1)) routing
         p_len = samples.prompt_ids.shape[1]
-        scored = torch.zeros(mask.shape[0], p_len + mask.shape[1] - 1, dtype=torch.bool,
-                             device=mask.device)
-        scored[:, p_len - 1:] = mask
+        scored = torch.zeros(
+            mask.shape[0], p_len + mask.shape[1] - 1, dtype=torch.bool, device=mask.device
+        )
+        scored[:, p_len - 1 :] = mask
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(config.updates_per_batch):
         if config.keep_routing:
             with replay_routing(policy, sampled_routing):  # type: ignore[arg-type]
-                logp_new = completion_logprobs(policy, samples.prompt_ids,
-                                               samples.completion_ids, config.temperature)
+                logp_new = completion_logprobs(
+                    policy, samples.prompt_ids, samples.completion_ids, config.temperature
+                )
         else:
-            logp_new = completion_logprobs(policy, samples.prompt_ids, samples.completion_ids,
-                                           config.temperature)
+            logp_new = completion_logprobs(
+                policy, samples.prompt_ids, samples.completion_ids, config.temperature
+            )
         if track_routing:
             routing_stat["routing_changed"] = routing_changed(
-                sampled_routing, recorded_routing(policy), scored)  # type: ignore[arg-type]
+                sampled_routing, recorded_routing(policy), scored
+            )  # type: ignore[arg-type]
         old = logp_new.detach() if logp_old is None else logp_old
-        loss, stats = grpo_loss(logp_new, old, logp_ref, advantages, mask, config.clip_eps,
-                                config.beta, config.aggregation, max_new,
-                                kl_bias_correction=config.kl_bias_correction,
-                                off_policy_mask=config.off_policy_mask)
+        loss, stats = grpo_loss(
+            logp_new,
+            old,
+            logp_ref,
+            advantages,
+            mask,
+            config.clip_eps,
+            config.beta,
+            config.aggregation,
+            max_new,
+            kl_bias_correction=config.kl_bias_correction,
+            off_policy_mask=config.off_policy_mask,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -676,8 +751,9 @@ def run_policy_loop(
     problems: Sequence[ArithmeticProblem] | Callable[[int], Sequence[ArithmeticProblem]],
     steps: int,
     prompts_per_step: int,
-    step_fn: Callable[[ArithmeticTask, Sequence[ArithmeticProblem], torch.Generator],
-                      dict[str, float]],
+    step_fn: Callable[
+        [ArithmeticTask, Sequence[ArithmeticProblem], torch.Generator], dict[str, float]
+    ],
     eval_problems: Sequence[ArithmeticProblem] | None = None,
     eval_every: int = 0,
     seed: int = 0,
@@ -701,8 +777,9 @@ def run_policy_loop(
     else:
         pool = list(problems)
         if len(pool) < prompts_per_step:
-            raise ValueError(f"problems has {len(pool)} items, fewer than prompts_per_step="
-                             f"{prompts_per_step}")
+            raise ValueError(
+                f"problems has {len(pool)} items, fewer than prompts_per_step={prompts_per_step}"
+            )
 
         def draw(step: int) -> Sequence[ArithmeticProblem]:
             return rng.sample(pool, prompts_per_step)
@@ -726,8 +803,11 @@ def run_policy_loop(
         batch = first if step == 0 else list(draw(step))
         record = step_fn(task, batch, generator)
         history.records.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
-                        len=f"{record['length']:.1f}")
+        bar.set_postfix(
+            reward=f"{record['reward']:.2f}",
+            acc=f"{record['accuracy']:.2f}",
+            len=f"{record['length']:.1f}",
+        )
         if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
             if not history.eval_steps or history.eval_steps[-1] != step + 1:
                 evaluate(step + 1)
@@ -767,13 +847,32 @@ def train_grpo(
         optimizer = make_optimizer(policy, config.lr, config.weight_decay, betas=(0.9, 0.99))
     reward_fn = reward_fn or make_reward_fn(config.reward_weights)
 
-    def step_fn(task: ArithmeticTask, batch: Sequence[ArithmeticProblem],
-                generator: torch.Generator) -> dict[str, float]:
-        return grpo_step(policy, optimizer, task, batch, config, reference,  # type: ignore[arg-type]
-                         reward_fn, generator)
+    def step_fn(
+        task: ArithmeticTask, batch: Sequence[ArithmeticProblem], generator: torch.Generator
+    ) -> dict[str, float]:
+        return grpo_step(
+            policy,
+            optimizer,
+            task,
+            batch,
+            config,
+            reference,  # type: ignore[arg-type]
+            reward_fn,
+            generator,
+        )
 
-    return run_policy_loop(policy, problems, steps, config.prompts_per_step, step_fn,
-                           eval_problems, eval_every, seed, progress, desc)
+    return run_policy_loop(
+        policy,
+        problems,
+        steps,
+        config.prompts_per_step,
+        step_fn,
+        eval_problems,
+        eval_every,
+        seed,
+        progress,
+        desc,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,8 +891,12 @@ ARTIFACT_KIND = "grpo"
 
 
 def _grpo_spec(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int) -> dict:
-    return {"pretrain": pretrain_config.spec(),  # type: ignore[attr-defined]
-            "grpo": dataclasses.asdict(grpo_config), "steps": steps, "seed": seed}
+    return {
+        "pretrain": pretrain_config.spec(),  # type: ignore[attr-defined]
+        "grpo": dataclasses.asdict(grpo_config),
+        "steps": steps,
+        "seed": seed,
+    }
 
 
 def load_or_train_grpo(
@@ -821,33 +924,63 @@ def load_or_train_grpo(
         raise ValueError(f"steps must be >= 1, got {steps}")
 
     def build(path: Path) -> None:
-        policy = load_or_pretrain(pretrain_config, device, root=root,  # type: ignore[arg-type]
-                                  progress=progress)
-        train_grpo(policy, grpo_training_problems(seed=seed), steps, grpo_config, seed=seed,
-                   progress=progress, desc="GRPO (notebook 22's run)")
+        policy = load_or_pretrain(
+            pretrain_config,
+            device,
+            root=root,  # type: ignore[arg-type]
+            progress=progress,
+        )
+        train_grpo(
+            policy,
+            grpo_training_problems(seed=seed),
+            steps,
+            grpo_config,
+            seed=seed,
+            progress=progress,
+            desc="GRPO (notebook 22's run)",
+        )
         save_hf_checkpoint(policy, path)  # type: ignore[arg-type]
 
-    return load_or_build(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
-                         build, lambda path: load_hf_checkpoint(path, device=device).eval(), root)
+    return load_or_build(
+        ARTIFACT_KIND,
+        _grpo_spec(pretrain_config, grpo_config, steps, seed),
+        build,
+        lambda path: load_hf_checkpoint(path, device=device).eval(),
+        root,
+    )
 
 
-def grpo_checkpoint_path(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int,
-                         root: str | Path | None = None) -> Path:
+def grpo_checkpoint_path(
+    pretrain_config: object,
+    grpo_config: GRPOConfig,
+    steps: int,
+    seed: int,
+    root: str | Path | None = None,
+) -> Path:
     """Where :func:`load_or_train_grpo` keeps the GRPO run of these settings (``root`` defaults
     to :func:`course_utils.artifacts.artifacts_dir`)."""
     from .artifacts import artifact_path
 
-    return artifact_path(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
-                         root)
+    return artifact_path(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed), root)
 
 
-def save_grpo_checkpoint(policy: nn.Module, pretrain_config: object, grpo_config: GRPOConfig,
-                         steps: int, seed: int, root: str | Path | None = None) -> Path:
+def save_grpo_checkpoint(
+    policy: nn.Module,
+    pretrain_config: object,
+    grpo_config: GRPOConfig,
+    steps: int,
+    seed: int,
+    root: str | Path | None = None,
+) -> Path:
     """Save a GRPO-tuned model where :func:`load_or_train_grpo` finds it (an intact artifact
     of the same run and code already there is kept). Returns the directory."""
     from .artifacts import load_or_build
     from .checkpoint import save_hf_checkpoint
 
-    return load_or_build(ARTIFACT_KIND, _grpo_spec(pretrain_config, grpo_config, steps, seed),
-                         lambda path: save_hf_checkpoint(policy, path),  # type: ignore[arg-type]
-                         lambda path: path, root)
+    return load_or_build(
+        ARTIFACT_KIND,
+        _grpo_spec(pretrain_config, grpo_config, steps, seed),
+        lambda path: save_hf_checkpoint(policy, path),  # type: ignore[arg-type]
+        lambda path: path,
+        root,
+    )

@@ -183,8 +183,9 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=canonical_device(device)).manual_seed(seed)
 
 
-def check_generator(generator: torch.Generator | None, device: torch.device | str,
-                    what: str = "the tensors") -> None:
+def check_generator(
+    generator: torch.Generator | None, device: torch.device | str, what: str = "the tensors"
+) -> None:
     """Raise ``ValueError`` when ``generator`` (if given) is not on ``device``, the device of
     ``what``. Torch's own message for this mismatch is obscure; this one names the fix."""
     if generator is not None and not same_device(generator.device, device):
@@ -256,8 +257,10 @@ def scale() -> str:
     value = os.environ.get("COURSE_SCALE", "").strip().lower()
     if value:
         if value not in ("default", "gpu"):
-            raise ValueError(f"COURSE_SCALE={value!r} must be 'default' or 'gpu' (use "
-                             "COURSE_SMOKE=1 for the smoke scale)")
+            raise ValueError(
+                f"COURSE_SCALE={value!r} must be 'default' or 'gpu' (use "
+                "COURSE_SMOKE=1 for the smoke scale)"
+            )
         return value
     return "gpu" if get_device().type == "cuda" else "default"
 

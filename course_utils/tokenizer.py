@@ -23,9 +23,7 @@ __all__ = ["ByteBPETokenizer", "CharTokenizer", "ARITHMETIC_ALPHABET"]
 
 #: Pieces BPE never merges across: contractions, words with one leading space, single digits,
 #: runs of punctuation, whitespace; the last alternative catches anything else (``_`` say).
-PRETOKENIZE_PATTERN = (
-    r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d| ?[^\s\w]+|\s+(?!\S)|\s+|[\s\S]"
-)
+PRETOKENIZE_PATTERN = r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d| ?[^\s\w]+|\s+(?!\S)|\s+|[\s\S]"
 
 #: The characters of the arithmetic corpus (see ``course_utils.data``).
 ARITHMETIC_ALPHABET = "\n0123456789+=<>;"

@@ -33,8 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["HOOKS", "TrainResult", "Trainer", "evaluate_language_model", "language_model_loss",
-           "lr_schedule", "make_optimizer", "param_groups", "train_language_model"]
+__all__ = [
+    "HOOKS",
+    "TrainResult",
+    "Trainer",
+    "evaluate_language_model",
+    "language_model_loss",
+    "lr_schedule",
+    "make_optimizer",
+    "param_groups",
+    "train_language_model",
+]
 
 #: The hooks :class:`Trainer` knows, and their signatures:
 #: ``compute_loss(model, x, y) -> (lm_loss, total_loss)`` replaces the next-token loss;
@@ -44,8 +53,9 @@ __all__ = ["HOOKS", "TrainResult", "Trainer", "evaluate_language_model", "langua
 HOOKS = ("compute_loss", "extra_loss", "after_step")
 
 
-def lr_schedule(step: int, total_steps: int, peak_lr: float, warmup_frac: float = 0.05,
-                min_ratio: float = 0.1) -> float:
+def lr_schedule(
+    step: int, total_steps: int, peak_lr: float, warmup_frac: float = 0.05, min_ratio: float = 0.1
+) -> float:
     """Learning rate at ``step`` (0-based): linear warm-up over ``warmup_frac`` of the steps,
     then cosine decay from ``peak_lr`` to ``min_ratio * peak_lr`` at the last step."""
     warmup = max(1, int(round(warmup_frac * total_steps)))
@@ -57,12 +67,14 @@ def lr_schedule(step: int, total_steps: int, peak_lr: float, warmup_frac: float 
 
 def language_model_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean next-token cross-entropy. logits (b, t, v), targets (b, t) -> scalar."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=ignore_index)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
 
 
-def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
-                 ) -> list[dict[str, Any]]:
+def param_groups(
+    params: nn.Module | Iterable[nn.Parameter], weight_decay: float
+) -> list[dict[str, Any]]:
     """AdamW parameter groups, the course's one rule: matrices (2 or more dims: projections,
     embeddings, experts) decay by ``weight_decay``; vectors (RMSNorm weights, biases) do not,
     since shrinking a norm's gain towards 0 is not regularisation. Parameters that do not
@@ -72,18 +84,25 @@ def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float
     items = params.parameters() if isinstance(params, nn.Module) else params
     trainable = [p for p in items if p.requires_grad]
     if not trainable:
-        raise ValueError("no parameter requires grad: there is nothing to train (unfreeze "
-                         "some parameters, or pass the adapters' parameters)")
+        raise ValueError(
+            "no parameter requires grad: there is nothing to train (unfreeze "
+            "some parameters, or pass the adapters' parameters)"
+        )
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(params: nn.Module | Iterable[nn.Parameter], lr: float,
-                   weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95)
-                   ) -> torch.optim.AdamW:
+def make_optimizer(
+    params: nn.Module | Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` of ``params`` (a module or its parameters). The
     defaults (0.9, 0.95) and 0.1 are DeepSeek-V3's pretraining settings (technical report,
     section 4.2); GRPO passes its own."""
@@ -176,8 +195,10 @@ class Trainer:
         :class:`TrainResult` of the whole run so far. The model is left in eval mode."""
         n_steps = self.steps_left if n_steps is None else n_steps
         if not isinstance(n_steps, int) or not 0 <= n_steps <= self.steps_left:
-            raise ValueError(f"n_steps must be an int in [0, {self.steps_left}] (the budget "
-                             f"left of steps={self.steps}), got {n_steps!r}")
+            raise ValueError(
+                f"n_steps must be an int in [0, {self.steps_left}] (the budget "
+                f"left of steps={self.steps}), got {n_steps!r}"
+            )
         model, result = self.model.train(), self.result
         extra, after = self.hooks.get("extra_loss"), self.hooks.get("after_step")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -216,8 +237,13 @@ class Trainer:
         ``extra``, JSON-able: a caller's own history)."""
         from .checkpoint import save_training_state
 
-        state = {"steps": self.steps, "losses": self.result.losses, "lrs": self.result.lrs,
-                 "seconds": self.result.seconds, "caller": dict(extra or {})}
+        state = {
+            "steps": self.steps,
+            "losses": self.result.losses,
+            "lrs": self.result.lrs,
+            "seconds": self.result.seconds,
+            "caller": dict(extra or {}),
+        }
         return save_training_state(path, self.model, self.optimizer, self.step, state)
 
     def resume(self, path: str | Path) -> dict[str, Any]:
@@ -228,8 +254,10 @@ class Trainer:
         state = load_training_state(path, self.model, self.optimizer)
         saved = state["extra"]
         if saved.get("steps") != self.steps:
-            raise ValueError(f"{path} was saved by a run with steps={saved.get('steps')}, this "
-                             f"trainer has steps={self.steps}; build it with the saved budget")
+            raise ValueError(
+                f"{path} was saved by a run with steps={saved.get('steps')}, this "
+                f"trainer has steps={self.steps}; build it with the saved budget"
+            )
         self.step = state["step"]
         self.result = TrainResult(list(saved["losses"]), list(saved["lrs"]), saved["seconds"])
         return saved["caller"]
@@ -261,8 +289,18 @@ def train_language_model(
         hooks["extra_loss"] = extra_loss
     if after_step is not None:
         hooks["after_step"] = lambda m, step, loss: after_step(m, step)
-    trainer = Trainer(model, get_batch, steps, lr=lr, weight_decay=weight_decay, betas=betas,
-                      warmup_frac=warmup_frac, grad_clip=grad_clip, hooks=hooks, desc=desc)
+    trainer = Trainer(
+        model,
+        get_batch,
+        steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        warmup_frac=warmup_frac,
+        grad_clip=grad_clip,
+        hooks=hooks,
+        desc=desc,
+    )
     return trainer.train(progress=progress)
 
 

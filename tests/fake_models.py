@@ -30,8 +30,12 @@ class ScriptedModel(nn.Module):
     parsed. The logit of the scripted token is ``confidence``, the others 0.
     """
 
-    def __init__(self, answer_fn: Callable[[ArithmeticProblem], str], n_digits: int = 2,
-                 confidence: float = 20.0) -> None:
+    def __init__(
+        self,
+        answer_fn: Callable[[ArithmeticProblem], str],
+        n_digits: int = 2,
+        confidence: float = 20.0,
+    ) -> None:
         super().__init__()
         self.answer_fn = answer_fn
         self.n_digits = n_digits
@@ -73,12 +77,17 @@ def oracle(worked: bool = False, **kw) -> ScriptedModel:
 
 def wrong_model(**kw) -> ScriptedModel:
     """Always off by one."""
-    return ScriptedModel(lambda p: ArithmeticProblem((*p.operands[:-1], p.operands[-1] + 1),
-                                                     p.n_digits).direct_answer, **kw)
+    return ScriptedModel(
+        lambda p: (
+            ArithmeticProblem((*p.operands[:-1], p.operands[-1] + 1), p.n_digits).direct_answer
+        ),
+        **kw,
+    )
 
 
-def tiny_moe_deepseek(seed: int = 0, num_hidden_layers: int = 2, first_k_dense_replace: int = 0,
-                      mtp: bool = False) -> nn.Module:
+def tiny_moe_deepseek(
+    seed: int = 0, num_hidden_layers: int = 2, first_k_dense_replace: int = 0, mtp: bool = False
+) -> nn.Module:
     """A random mini-DeepSeek with MoE layers (8 experts, 2 per token), vocabulary 16, for the
     keep-routing tests; ``mtp`` adds a multi-token-prediction module (its MoE layer does not run
     in plain decoding)."""
@@ -86,9 +95,23 @@ def tiny_moe_deepseek(seed: int = 0, num_hidden_layers: int = 2, first_k_dense_r
     from course_utils.model import DeepSeekForCausalLM
 
     torch.manual_seed(seed)
-    return DeepSeekForCausalLM(DeepSeekConfig(
-        vocab_size=16, hidden_size=32, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-        intermediate_size=32, first_k_dense_replace=first_k_dense_replace,
-        max_position_embeddings=64, num_nextn_predict_layers=int(mtp)))
+    return DeepSeekForCausalLM(
+        DeepSeekConfig(
+            vocab_size=16,
+            hidden_size=32,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=2,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=32,
+            first_k_dense_replace=first_k_dense_replace,
+            max_position_embeddings=64,
+            num_nextn_predict_layers=int(mtp),
+        )
+    )

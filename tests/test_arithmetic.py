@@ -32,7 +32,7 @@ def test_training_tokens_are_the_corpus_and_line_starts_point_at_lines():
     assert corpus.line_starts.numel() == len(lines) == 300
     for i in (0, 1, 17, 299):
         s = int(corpus.line_starts[i])
-        assert task.tokenizer.decode(corpus.ids[s:s + len(lines[i])]) == lines[i]
+        assert task.tokenizer.decode(corpus.ids[s : s + len(lines[i])]) == lines[i]
 
 
 def test_held_out_problems_never_appear_in_training_lines():
@@ -50,8 +50,7 @@ def test_lm_batches_start_at_line_starts_and_shift_by_one():
     task = ArithmeticTask()
     corpus = task.training_tokens(400, seed=0)
     g = torch.Generator().manual_seed(0)
-    get_batch = task.lm_batches(corpus, batch_size=64, block_size=20, generator=g,
-                                 layout="windows")
+    get_batch = task.lm_batches(corpus, batch_size=64, block_size=20, generator=g, layout="windows")
     x, y = get_batch()
     assert x.shape == y.shape == (64, 20)
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -71,7 +70,7 @@ def test_lm_batches_default_block_and_errors():
     corpus = task.training_tokens(50)
     x, y = task.lm_batches(corpus, 4, prompt_loss=False)()  # default: one padded line a row
     assert x.shape == (4, task.max_line_length - 1)
-    assert (y[:, :task.prompt_length - 1] == -100).all()
+    assert (y[:, : task.prompt_length - 1] == -100).all()
     x, _ = task.lm_batches(corpus, 4, layout="windows")()
     assert x.shape == (4, task.max_line_length)
     with pytest.raises(ValueError, match="block_size"):
@@ -85,19 +84,24 @@ def test_lm_batches_default_block_and_errors():
 def test_line_tensors_are_every_line_in_order_as_batches_show_them():
     task = ArithmeticTask()
     problems = task.problems(3, seed=5)
-    text = "".join(p.prompt + a for p, a in zip(problems, (problems[0].direct_answer,
-                                                           problems[1].worked_answer,
-                                                           problems[2].direct_answer), strict=True))
+    text = "".join(
+        p.prompt + a
+        for p, a in zip(
+            problems,
+            (problems[0].direct_answer, problems[1].worked_answer, problems[2].direct_answer),
+            strict=True,
+        )
+    )
     x, y = task.line_tensors(task.corpus_from_text(text))
     assert x.shape == y.shape == (3, task.max_line_length - 1)
     line = problems[1].prompt + problems[1].worked_answer
     assert task.tokenizer.decode(x[1].tolist()) == line[:-1]
     # targets: the completion only, shifted by one; -100 on the prompt and after the end token
     assert (y[:, : task.prompt_length - 1] == -100).all()
-    completion = y[1, task.prompt_length - 1:].tolist()
+    completion = y[1, task.prompt_length - 1 :].tolist()
     assert task.tokenizer.decode(completion) == problems[1].worked_answer
     n_direct = len(problems[0].direct_answer)
-    assert (y[0, task.prompt_length - 1 + n_direct:] == -100).all()
+    assert (y[0, task.prompt_length - 1 + n_direct :] == -100).all()
     _, with_prompt = task.line_tensors(task.corpus_from_text(text), prompt_loss=True)
     assert (with_prompt[:, : task.prompt_length - 1] != -100).all()
 
@@ -169,13 +173,21 @@ def test_pass_at_k_matches_the_formula_and_sampled_eval():
 def test_evaluate_a_real_decoder_matches_uncached_generation():
     torch.manual_seed(0)
     task = ArithmeticTask()
-    model = TinyDecoder(DecoderConfig(task.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64))
+    model = TinyDecoder(
+        DecoderConfig(
+            task.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     problems = task.problems(10, seed=1, split="test")
     res = evaluate_accuracy(model, problems, batch_size=4)
     prompts = task.encode_prompts(problems)
-    out = model.generate(prompts, task.default_max_new_tokens, use_cache=False,
-                         eos_token_id=task.eos_token_id)
+    out = model.generate(
+        prompts, task.default_max_new_tokens, use_cache=False, eos_token_id=task.eos_token_id
+    )
     want = task.decode_completions(out[:, 9:])
     assert [c for _, c, _ in res.examples] == want[:4]
     assert res.mean_length == pytest.approx(sum(map(len, want)) / len(want))
@@ -185,17 +197,17 @@ def test_lm_batches_lines_layout_pads_and_masks():
     task = ArithmeticTask()
     corpus = task.training_tokens(300, seed=2)
     lines = task.tokenizer.decode(corpus.ids).splitlines(keepends=True)
-    x, y = task.lm_batches(corpus, 64, layout="lines",
-                           generator=torch.Generator().manual_seed(0))()
+    x, y = task.lm_batches(corpus, 64, layout="lines", generator=torch.Generator().manual_seed(0))()
     assert x.shape == y.shape == (64, 33)
     for xi, yi in zip(x, y, strict=True):
         learned = task.tokenizer.decode(yi[yi != -100])
         line = task.tokenizer.decode(xi[:1]) + learned
         assert line in lines  # the row is one whole line, its targets shifted by one
         n = len(line)
-        assert (yi[n - 1:] == -100).all() and (yi[:n - 1] != -100).all()
-    _, y2 = task.lm_batches(corpus, 64, layout="lines", prompt_loss=False,
-                            generator=torch.Generator().manual_seed(0))()
+        assert (yi[n - 1 :] == -100).all() and (yi[: n - 1] != -100).all()
+    _, y2 = task.lm_batches(
+        corpus, 64, layout="lines", prompt_loss=False, generator=torch.Generator().manual_seed(0)
+    )()
     assert (y2[:, :8] == -100).all() and torch.equal(y2[:, 8:], y[:, 8:])
     completions = {task.tokenizer.decode(r[r != -100]) for r in y2}
     assert completions <= {line[9:] for line in lines}
@@ -228,6 +240,7 @@ def test_a_batch_larger_than_the_data_is_refused():
 
 # -- train_on_task: one seeded run of a model on the task, scored on held-out answers ---------
 
+
 def _tiny_run(seed: int = 0, steps: int = 6, eval_every: int | None = 3, **kw):
     from course_utils.arithmetic import train_on_task
 
@@ -236,14 +249,32 @@ def _tiny_run(seed: int = 0, steps: int = 6, eval_every: int | None = 3, **kw):
     held_out = task.problems(8, seed=1, split="test")
 
     def build() -> TinyDecoder:
-        return TinyDecoder(DecoderConfig(vocab_size=task.vocab_size, hidden_size=16,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         max_position_embeddings=task.prompt_length
-                                         + task.default_max_new_tokens))
+        return TinyDecoder(
+            DecoderConfig(
+                vocab_size=task.vocab_size,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=task.prompt_length + task.default_max_new_tokens,
+            )
+        )
 
     kw.setdefault("batch_size", 4)
-    return task, held_out, train_on_task(build, task, corpus, held_out, steps, seed=seed,
-                                         eval_every=eval_every, progress=False, **kw)
+    return (
+        task,
+        held_out,
+        train_on_task(
+            build,
+            task,
+            corpus,
+            held_out,
+            steps,
+            seed=seed,
+            eval_every=eval_every,
+            progress=False,
+            **kw,
+        ),
+    )
 
 
 def test_train_on_task_is_seeded_and_scores_held_out_answers():

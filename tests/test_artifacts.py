@@ -15,6 +15,7 @@ def _writer(calls, text="weights"):
     def build(path):
         calls.append(path)
         (path / "model.bin").write_text(text)
+
     return build
 
 
@@ -72,8 +73,9 @@ def test_another_runs_directory_is_refused(tmp_path):
     (path / "model.bin").write_text("someone else's")
     with pytest.raises(ValueError, match="no artifact.json"):
         load_or_build("toy", {"a": 1}, _writer([]), _read, tmp_path)
-    (path / MANIFEST).write_text(json.dumps({"kind": "toy", "spec": {"a": 2},
-                                             "code": code_fingerprint(), "files": {}}))
+    (path / MANIFEST).write_text(
+        json.dumps({"kind": "toy", "spec": {"a": 2}, "code": code_fingerprint(), "files": {}})
+    )
     with pytest.raises(ValueError, match="another run's artifact .*spec"):
         load_or_build("toy", {"a": 1}, _writer([]), _read, tmp_path)
 
@@ -98,8 +100,15 @@ def test_bad_arguments_name_the_fix(tmp_path):
 def test_seed_figures_reads_what_make_seeds_wrote(tmp_path):
     path = tmp_path / "SEEDS.json"
     assert artifacts.load_seed_runs(path) == {}
-    path.write_text(json.dumps({"1": {"nb": {"acc": 0.9}}, "0": {"nb": {"acc": 0.8}},
-                                "2": {"nb": {"error": "AssertionError"}, "other": {"x": 1.0}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "1": {"nb": {"acc": 0.9}},
+                "0": {"nb": {"acc": 0.8}},
+                "2": {"nb": {"error": "AssertionError"}, "other": {"x": 1.0}},
+            }
+        )
+    )
     assert artifacts.seed_figures("nb", path) == {0: {"acc": 0.8}, 1: {"acc": 0.9}}
     assert artifacts.load_seed_runs(path)[2]["other"] == {"x": 1.0}
     with pytest.raises(ValueError, match="notebook='missing'.*make seeds"):

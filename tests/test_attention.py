@@ -25,12 +25,17 @@ def _qkv(*shape, seed=0):
 
 # -- the bare formula ----------------------------------------------------------------------
 
+
 def test_sdpa_matches_pytorch_without_and_with_causal_mask():
     q, k, v = _qkv(2, 3, 7, 8)
-    assert torch.allclose(scaled_dot_product_attention(q, k, v),
-                          F.scaled_dot_product_attention(q, k, v), atol=1e-6)
-    assert torch.allclose(scaled_dot_product_attention(q, k, v, is_causal=True),
-                          F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+    assert torch.allclose(
+        scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=1e-6
+    )
+    assert torch.allclose(
+        scaled_dot_product_attention(q, k, v, is_causal=True),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        atol=1e-6,
+    )
 
 
 def test_sdpa_masks_and_scale_match_pytorch():
@@ -39,9 +44,11 @@ def test_sdpa_masks_and_scale_match_pytorch():
     bool_mask |= torch.eye(5, dtype=torch.bool)  # every query sees at least one key
     float_mask = torch.randn(5, 5)
     for mask in (bool_mask, float_mask):
-        assert torch.allclose(scaled_dot_product_attention(q, k, v, mask=mask, scale=0.3),
-                              F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
-                              atol=1e-6)
+        assert torch.allclose(
+            scaled_dot_product_attention(q, k, v, mask=mask, scale=0.3),
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3),
+            atol=1e-6,
+        )
 
 
 def test_causal_with_fewer_queries_is_bottom_right_aligned():
@@ -50,8 +57,11 @@ def test_causal_with_fewer_queries_is_bottom_right_aligned():
     _, k, v = _qkv(1, 7, 8, seed=3)
     mask = torch.tensor([[j <= 4 + i for j in range(7)] for i in range(3)])
     assert torch.equal(causal_mask(3, 7), mask)
-    assert torch.allclose(scaled_dot_product_attention(q, k, v, is_causal=True),
-                          F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-6)
+    assert torch.allclose(
+        scaled_dot_product_attention(q, k, v, is_causal=True),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        atol=1e-6,
+    )
 
 
 def test_weights_are_returned_and_rows_sum_to_one():
@@ -66,12 +76,16 @@ def test_dropout_is_unbiased_and_reproducible():
     q, k, v = _qkv(6, 4)
     ref = scaled_dot_product_attention(q, k, v)
     g = torch.Generator().manual_seed(0)
-    runs = torch.stack([scaled_dot_product_attention(q, k, v, dropout_p=0.5, generator=g)
-                        for _ in range(4000)])
+    runs = torch.stack(
+        [scaled_dot_product_attention(q, k, v, dropout_p=0.5, generator=g) for _ in range(4000)]
+    )
     assert torch.allclose(runs.mean(0), ref, atol=0.05)
-    a, b = (scaled_dot_product_attention(q, k, v, dropout_p=0.5,
-                                         generator=torch.Generator().manual_seed(3))
-            for _ in range(2))
+    a, b = (
+        scaled_dot_product_attention(
+            q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(3)
+        )
+        for _ in range(2)
+    )
     assert torch.equal(a, b) and not torch.allclose(a, ref)
 
 
@@ -89,6 +103,7 @@ def test_bad_inputs_name_the_argument():
 
 # -- single heads --------------------------------------------------------------------------
 
+
 def test_self_attention_is_sdpa_of_its_projections():
     torch.manual_seed(0)
     sa, x = SelfAttention(6, 4), torch.randn(2, 5, 6)
@@ -102,14 +117,16 @@ def test_self_attention_is_sdpa_of_its_projections():
 
 # -- multi-head ----------------------------------------------------------------------------
 
+
 def test_mha_matches_torch_multihead_attention():
     torch.manual_seed(0)
     d, h = 16, 4
     ours = MultiHeadAttention(d, h, bias=True, causal=False)
     ref = torch.nn.MultiheadAttention(d, h, bias=True, batch_first=True)
     with torch.no_grad():
-        ref.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight,
-                                            ours.v_proj.weight]))
+        ref.in_proj_weight.copy_(
+            torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight])
+        )
         ref.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
         ref.out_proj.weight.copy_(ours.o_proj.weight)
         ref.out_proj.bias.copy_(ours.o_proj.bias)
@@ -169,12 +186,20 @@ def test_gqa_equals_mha_with_shared_kv_weights(n_kv_heads):
 
 # -- causality -----------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 9), st.integers(0, 2**31 - 1))
 def test_future_tokens_never_change_the_past(t, seed):
     torch.manual_seed(0)
-    model = TinyDecoder(DecoderConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2))
+    model = TinyDecoder(
+        DecoderConfig(
+            vocab_size=20,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 20, (2, 10), generator=g)
     changed = ids.clone()
@@ -185,6 +210,7 @@ def test_future_tokens_never_change_the_past(t, seed):
 
 
 # -- the KV cache --------------------------------------------------------------------------
+
 
 def test_kv_cache_capacity_reset_and_bytes():
     cache = KVCache(batch_size=2, capacity=5, n_kv_heads=3, head_dim=4)
@@ -209,8 +235,7 @@ def test_cached_forward_equals_full_forward(n_kv_heads):
     x = torch.randn(2, 9, 16)
     full = mha(x)
     cache = mha.new_cache(2, 9)
-    pieces = [mha(x[:, :4], cache=cache)] + [mha(x[:, i:i + 1], cache=cache)
-                                             for i in range(4, 7)]
+    pieces = [mha(x[:, :4], cache=cache)] + [mha(x[:, i : i + 1], cache=cache) for i in range(4, 7)]
     pieces.append(mha(x[:, 7:], cache=cache))  # two tokens at once after a prefix
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-6)
 
@@ -218,25 +243,47 @@ def test_cached_forward_equals_full_forward(n_kv_heads):
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
 def test_cached_generation_equals_uncached(n_kv_heads):
     torch.manual_seed(5)
-    model = TinyDecoder(DecoderConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=n_kv_heads))
+    model = TinyDecoder(
+        DecoderConfig(
+            vocab_size=30,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=n_kv_heads,
+        )
+    )
     prompt = torch.randint(0, 30, (3, 5))
     a, la = generate(model, prompt, 12, use_cache=True, return_logits=True)
     b, lb = generate(model, prompt, 12, use_cache=False, return_logits=True)
     assert torch.equal(a, b)
     assert torch.allclose(la, lb, atol=1e-6)
     # sampling with the same generator seed also agrees
-    s1 = generate(model, prompt, 8, temperature=1.0, top_k=10,
-                  generator=torch.Generator().manual_seed(0))
-    s2 = generate(model, prompt, 8, temperature=1.0, top_k=10, use_cache=False,
-                  generator=torch.Generator().manual_seed(0))
+    s1 = generate(
+        model, prompt, 8, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(0)
+    )
+    s2 = generate(
+        model,
+        prompt,
+        8,
+        temperature=1.0,
+        top_k=10,
+        use_cache=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(s1, s2)
 
 
 def test_generation_stops_at_eos_and_checks_capacity():
     torch.manual_seed(6)
-    model = TinyDecoder(DecoderConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16))
+    model = TinyDecoder(
+        DecoderConfig(
+            vocab_size=10,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     prompt = torch.zeros(2, 3, dtype=torch.long)
     greedy = generate(model, prompt, 5)
     eos = int(greedy[0, 3])  # the first generated token of row 0 becomes "end of sequence"
@@ -250,8 +297,15 @@ def test_generation_stops_at_eos_and_checks_capacity():
 def test_kv_cache_bytes_formula_matches_a_real_cache():
     from course_utils.cache import kv_cache_bytes
 
-    model = TinyDecoder(DecoderConfig(vocab_size=10, hidden_size=32, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2))
+    model = TinyDecoder(
+        DecoderConfig(
+            vocab_size=10,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     caches = model.new_caches(batch_size=2, capacity=7)
     measured = sum(c.nbytes for c in caches)
     assert measured == kv_cache_bytes(3, 2, 8, seq_len=7, batch_size=2, bytes_per_element=4)
@@ -263,10 +317,12 @@ def test_kv_cache_bytes_formula_matches_a_real_cache():
 
 # -- TinyDecoder with multi-head latent attention (notebooks 08/09's fifth arm) -------------
 
+
 def _mla_decoder(**overrides) -> TinyDecoder:
     torch.manual_seed(7)
-    cfg = dict(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               kv_lora_rank=6)
+    cfg = dict(
+        vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=6
+    )
     return TinyDecoder(DecoderConfig(**{**cfg, **overrides}))
 
 
@@ -277,9 +333,16 @@ def test_tiny_decoder_with_mla_runs_the_library_mla_block():
     attn = model.layers[0].self_attn
     assert isinstance(attn, MultiHeadLatentAttention)
     # heads keep the MHA head size; positions come from the decoder's embedding (no RoPE part)
-    want = MLAConfig(hidden_size=32, num_attention_heads=4, kv_lora_rank=6, qk_nope_head_dim=8,
-                     qk_rope_head_dim=0, v_head_dim=8, num_hidden_layers=2,
-                     max_position_embeddings=256)
+    want = MLAConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        kv_lora_rank=6,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=0,
+        v_head_dim=8,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+    )
     assert attn.config == want
     ref = MultiHeadLatentAttention(want)
     ref.load_state_dict(attn.state_dict())

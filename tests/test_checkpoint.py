@@ -16,30 +16,94 @@ from course_utils.checkpoint import load_training_state, save_training_state
 
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(vocab_size=40, hidden_size=32, intermediate_size=48, moe_intermediate_size=12,
-            num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=8, qk_rope_head_dim=4,
-            qk_nope_head_dim=6, v_head_dim=5, n_routed_experts=8, num_experts_per_tok=2,
-            n_shared_experts=1, max_position_embeddings=64)
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.6}
+BASE = dict(
+    vocab_size=40,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=12,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    kv_lora_rank=8,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=6,
+    v_head_dim=5,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    max_position_embeddings=64,
+)
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.8,
+    "mscale_all_dim": 0.6,
+}
 
 #: (name, family, config keys): q_lora_rank None and set, one or two groups, 0 or 1 dense
 #: layers, YaRN, half-split RoPE, V2 greedy and group-limited routers, tied embeddings.
 CASES = [
-    ("v3_qlora_groups_dense1", 3, dict(q_lora_rank=12, n_group=2, topk_group=1,
-                                       first_k_dense_replace=1, routed_scaling_factor=2.5)),
-    ("v3_noq_yarn_dense0", 3, dict(q_lora_rank=None, n_group=1, topk_group=1,
-                                   first_k_dense_replace=0, rope_scaling=YARN,
-                                   norm_topk_prob=False, routed_scaling_factor=1.5)),
-    ("v3_half_split_tied", 3, dict(q_lora_rank=12, n_group=4, topk_group=2,
-                                   first_k_dense_replace=1, rope_interleave=False,
-                                   tie_word_embeddings=True)),
-    ("v2_greedy_noq_yarn", 2, dict(q_lora_rank=None, topk_method="greedy",
-                                   first_k_dense_replace=1, rope_scaling=YARN,
-                                   routed_scaling_factor=1.0)),
-    ("v2_group_limited_qlora", 2, dict(q_lora_rank=12, topk_method="group_limited_greedy",
-                                       n_group=2, topk_group=1, first_k_dense_replace=0,
-                                       routed_scaling_factor=2.0)),
+    (
+        "v3_qlora_groups_dense1",
+        3,
+        dict(
+            q_lora_rank=12,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+        ),
+    ),
+    (
+        "v3_noq_yarn_dense0",
+        3,
+        dict(
+            q_lora_rank=None,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=0,
+            rope_scaling=YARN,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    (
+        "v3_half_split_tied",
+        3,
+        dict(
+            q_lora_rank=12,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            rope_interleave=False,
+            tie_word_embeddings=True,
+        ),
+    ),
+    (
+        "v2_greedy_noq_yarn",
+        2,
+        dict(
+            q_lora_rank=None,
+            topk_method="greedy",
+            first_k_dense_replace=1,
+            rope_scaling=YARN,
+            routed_scaling_factor=1.0,
+        ),
+    ),
+    (
+        "v2_group_limited_qlora",
+        2,
+        dict(
+            q_lora_rank=12,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=2.0,
+        ),
+    ),
 ]
 
 
@@ -80,8 +144,14 @@ IDS = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
 def _hf_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     # An explicit all-ones mask: transformers would otherwise treat pad-id tokens as padding.
     # No eos (min_new_tokens would instead forbid the eos token, changing the argmax).
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                         do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     assert out.shape[1] == ids.shape[1] + n
     return out
 
@@ -135,8 +205,9 @@ def test_state_dict_keys_are_the_checkpoint_keys(saved):
 def test_course_model_exports_to_transformers(tmp_path):
     """A model made by the course (cpu preset), not by transformers, round-trips."""
     torch.manual_seed(0)
-    ours = DeepSeekForCausalLM(DeepSeekConfig.preset("cpu", vocab_size=16, bos_token_id=1,
-                                                     eos_token_id=2)).eval()
+    ours = DeepSeekForCausalLM(
+        DeepSeekConfig.preset("cpu", vocab_size=16, bos_token_id=1, eos_token_id=2)
+    ).eval()
     _randomize(ours, 5)
     save_hf_checkpoint(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -158,10 +229,15 @@ def test_hub_style_config_json_loads(saved, tmp_path):
     hub = json.loads((path / "config.json").read_text())
     params = hub.pop("rope_parameters")
     hub["rope_theta"] = params.pop("rope_theta")
-    hub["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_type"},
-                           "type": "yarn"}
-    hub.update(scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, ep_size=1,
-               eos_token_id=[1], auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    hub["rope_scaling"] = {**{k: v for k, v in params.items() if k != "rope_type"}, "type": "yarn"}
+    hub.update(
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        moe_layer_freq=1,
+        ep_size=1,
+        eos_token_id=[1],
+        auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+    )
     (tmp_path / "config.json").write_text(json.dumps(hub))
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
     ours = load_hf_checkpoint(tmp_path)
@@ -185,14 +261,17 @@ def test_sharded_checkpoint_written_by_hand_loads(saved, tmp_path):
     hf, path = saved["v2_group_limited_qlora"]
     tensors = load_file(path / "model.safetensors")
     keys = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": keys[::2],
-              "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     weight_map = {}
     for file, names in shards.items():
         save_file({k: tensors[k] for k in names}, str(tmp_path / file))
         weight_map.update(dict.fromkeys(names, file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
     (tmp_path / "config.json").write_bytes((path / "config.json").read_bytes())
     with torch.no_grad():
         assert _rel(load_hf_checkpoint(tmp_path)(IDS), hf(IDS).logits) < 1e-5
@@ -223,18 +302,21 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(saved, tmp_path):
 
     def reshape(t):
         t["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(44, 9)
+
     bad = _copy_with(path, tmp_path / "shape", reshape)
     with pytest.raises(ValueError, match=r"kv_b_proj.*\(44, 8\).*\(44, 9\)"):
         load_hf_checkpoint(bad)
 
     def add(t):
         t["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(44, 32)
+
     extra = _copy_with(path, tmp_path / "extra", add)
     with pytest.raises(ValueError, match=r"does not use.*q_proj"):
         load_hf_checkpoint(extra)
 
     def fp8(t):
         t["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(1, 1)
+
     with pytest.raises(ValueError, match="weight_scale_inv.*quantized"):
         load_hf_checkpoint(_copy_with(path, tmp_path / "fp8", fp8))
     with pytest.raises(ValueError, match="config.json"):
@@ -246,11 +328,13 @@ def test_mtp_layers_round_trip_in_the_release_layout(saved, tmp_path):
     and head (as DeepSeek-V3's release stores it), loads back into model.mtp[0] exactly, and
     transformers (which does not run MTP) still loads the file with equal logits."""
     torch.manual_seed(0)
-    ours = DeepSeekForCausalLM(DeepSeekConfig.preset("cpu", vocab_size=16,
-                                                     num_nextn_predict_layers=1)).eval()
+    ours = DeepSeekForCausalLM(
+        DeepSeekConfig.preset("cpu", vocab_size=16, num_nextn_predict_layers=1)
+    ).eval()
     _randomize(ours, 6)
     save_hf_checkpoint(ours, tmp_path / "mtp")
     from safetensors.torch import load_file
+
     written = load_file(tmp_path / "mtp" / "model.safetensors")
     layer = f"model.layers.{ours.config.num_hidden_layers}."
     assert torch.equal(written[layer + "eh_proj.weight"], ours.mtp[0].eh_proj.weight)
@@ -272,6 +356,7 @@ def test_incomplete_mtp_layers_are_named(saved, tmp_path):
     def add_mtp(t):  # half an MTP layer at index num_hidden_layers (here 3)
         t["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)
         t["model.layers.3.enorm.weight"] = torch.ones(32)
+
     mtp = _copy_with(path, tmp_path / "mtp", add_mtp)
     with pytest.raises(ValueError, match=r"mtp\.0\.hnorm\.weight"):
         load_hf_checkpoint(mtp)
@@ -300,8 +385,9 @@ def test_layout_mistakes_are_caught(saved):
 
 
 def test_v2_export_warns_when_transformers_would_ignore_norm_topk_prob(tmp_path):
-    model = DeepSeekForCausalLM(DeepSeekConfig(**{**BASE, "model_type": "deepseek_v2",
-                                                  "norm_topk_prob": True}))
+    model = DeepSeekForCausalLM(
+        DeepSeekConfig(**{**BASE, "model_type": "deepseek_v2", "norm_topk_prob": True})
+    )
     with pytest.warns(UserWarning, match="norm_topk_prob"):
         save_hf_checkpoint(model, tmp_path)
 
@@ -314,8 +400,9 @@ def _training_run(model, optimizer, steps, balancer):
     auxiliary-loss-free bias update: everything a resume must reproduce."""
     for _ in range(steps):
         ids = torch.randint(0, 16, (4, 12))
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1),
-                                                 ids[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -324,10 +411,19 @@ def _training_run(model, optimizer, steps, balancer):
 
 def _fresh(seed):
     from course_utils.moe import AuxLossFreeBalancer
+
     torch.manual_seed(seed)
-    config = DeepSeekConfig(**{**BASE, "vocab_size": 16, "num_hidden_layers": 2,
-                               "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
-                               "q_lora_rank": 12})
+    config = DeepSeekConfig(
+        **{
+            **BASE,
+            "vocab_size": 16,
+            "num_hidden_layers": 2,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 12,
+        }
+    )
     model = DeepSeekForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, optimizer, AuxLossFreeBalancer(model, gamma=0.01)
@@ -355,8 +451,9 @@ def test_resumed_training_is_bit_identical(tmp_path):
     assert info == {"step": 3, "extra": {"note": "halfway"}}
     assert (random.random(), float(np.random.rand())) == (py_next, np_next)
     _training_run(resumed, opt2, 3, bal2)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert sum(m.gate.e_score_correction_bias.abs().sum() for m in resumed.moe_layers()) > 0
 

@@ -25,8 +25,12 @@ STUB = "import sys, types\nsys.modules['google.colab'] = types.ModuleType('googl
 
 
 def _git(*args: str, cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.name=course", "-c", "user.email=course@example.com",
-                    *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=course", "-c", "user.email=course@example.com", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,9 @@ def source_repo(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "course_utils", src / "course_utils",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "course_utils", src / "course_utils", ignore=shutil.ignore_patterns("__pycache__")
+    )
     _git("init", "-q", "-b", "main", cwd=src)
     _git("add", ".", cwd=src)
     _git("commit", "-q", "-m", "course", cwd=src)
@@ -50,9 +55,12 @@ def colab_python(tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("colab") / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; "
-                           "print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # the build uses this environment's setuptools (pyproject asks for a recent one), not the
     # old one ensurepip may have put in the fresh environment
     for old in Path(site).glob("setuptools*"):
@@ -61,29 +69,48 @@ def colab_python(tmp_path_factory) -> Path:
     return python
 
 
-def _run_cell(python: Path | str, cell: str, env: dict[str, str], cwd: Path,
-              after: str = "") -> subprocess.CompletedProcess:
+def _run_cell(
+    python: Path | str, cell: str, env: dict[str, str], cwd: Path, after: str = ""
+) -> subprocess.CompletedProcess:
     script = cwd / "cell.py"
     script.write_text(STUB + cell + "\n" + after)
-    full_env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0",
-                "PIP_DISABLE_PIP_VERSION_CHECK": "1", **env}
-    return subprocess.run([str(python), str(script)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
+    full_env = {
+        **os.environ,
+        "PIP_NO_INDEX": "1",
+        "PIP_NO_BUILD_ISOLATION": "0",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        **env,
+    }
+    return subprocess.run(
+        [str(python), str(script)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("cell", [SETUP_CELL, SETUP_CELL_REFERENCE], ids=["plain", "reference"])
 def test_setup_cell_installs_the_course_from_a_clone(cell, source_repo, colab_python, tmp_path):
     where = tmp_path / "content" / "course"
     ask = "from importlib.metadata import version; print(version('torch'))"
-    torch_before = subprocess.run([str(colab_python), "-c", ask], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-    after = ("import course_utils, torch\n"
-             "from importlib.metadata import version\n"
-             "print('COURSE', course_utils.__file__)\n"
-             "print('TORCH', version('torch'), torch.__file__)\n")
-    done = _run_cell(colab_python, cell, {"COURSE_REPO": source_repo.as_uri(),
-                                          "COURSE_REF": "main", "COURSE_DIR": str(where)},
-                     tmp_path, after)
+    torch_before = subprocess.run(
+        [str(colab_python), "-c", ask], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    after = (
+        "import course_utils, torch\n"
+        "from importlib.metadata import version\n"
+        "print('COURSE', course_utils.__file__)\n"
+        "print('TORCH', version('torch'), torch.__file__)\n"
+    )
+    done = _run_cell(
+        colab_python,
+        cell,
+        {"COURSE_REPO": source_repo.as_uri(), "COURSE_REF": "main", "COURSE_DIR": str(where)},
+        tmp_path,
+        after,
+    )
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     assert Path(lines["COURSE"]).resolve() == (where / "course_utils" / "__init__.py").resolve()
@@ -91,35 +118,56 @@ def test_setup_cell_installs_the_course_from_a_clone(cell, source_repo, colab_py
     assert version == torch_before  # Colab's torch is the one in use, unchanged
     assert not Path(torch_file).is_relative_to(colab_python.parents[1])  # and not reinstalled
     # a second run (Run all again) reuses the clone
-    again = _run_cell(colab_python, cell, {"COURSE_REPO": source_repo.as_uri(),
-                                           "COURSE_DIR": str(where)}, tmp_path, after)
+    again = _run_cell(
+        colab_python,
+        cell,
+        {"COURSE_REPO": source_repo.as_uri(), "COURSE_DIR": str(where)},
+        tmp_path,
+        after,
+    )
     assert again.returncode == 0, again.stderr
 
 
 def test_setup_cell_names_a_bad_url_and_the_fix(tmp_path):
     bad = (tmp_path / "no-such-course").as_uri()
-    done = _run_cell(sys.executable, SETUP_CELL,
-                     {"COURSE_REPO": bad, "COURSE_DIR": str(tmp_path / "course")}, tmp_path)
+    done = _run_cell(
+        sys.executable,
+        SETUP_CELL,
+        {"COURSE_REPO": bad, "COURSE_DIR": str(tmp_path / "course")},
+        tmp_path,
+    )
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()
-    message = done.stderr[done.stderr.rindex("RuntimeError"):]
+    message = done.stderr[done.stderr.rindex("RuntimeError") :]
     assert bad in message and "COURSE_REPO" in message, last[-5:]
     assert "CalledProcessError" not in done.stderr
     assert not (tmp_path / "course").exists()
 
 
 def test_setup_cell_names_a_bad_ref(source_repo, tmp_path):
-    done = _run_cell(sys.executable, SETUP_CELL,
-                     {"COURSE_REPO": source_repo.as_uri(), "COURSE_REF": "no-such-branch",
-                      "COURSE_DIR": str(tmp_path / "course")}, tmp_path)
+    done = _run_cell(
+        sys.executable,
+        SETUP_CELL,
+        {
+            "COURSE_REPO": source_repo.as_uri(),
+            "COURSE_REF": "no-such-branch",
+            "COURSE_DIR": str(tmp_path / "course"),
+        },
+        tmp_path,
+    )
     assert done.returncode != 0
-    message = done.stderr[done.stderr.rindex("RuntimeError"):]
+    message = done.stderr[done.stderr.rindex("RuntimeError") :]
     assert "no-such-branch" in message and "COURSE_REF" in message
 
 
 def test_setup_cell_does_nothing_outside_colab(tmp_path):
     script = tmp_path / "cell.py"
     script.write_text(SETUP_CELL + "\nprint('done', 'google.colab' in sys.modules)\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env={**os.environ, "COURSE_REPO": "file:///nowhere"}, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COURSE_REPO": "file:///nowhere"},
+        timeout=60,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "done False", done.stderr

@@ -58,7 +58,8 @@ def test_problem_formats():
     assert ArithmeticProblem((3, 4), n_digits=1).worked_answer == "<3+4=07>07\n"
     assert ArithmeticProblem((99, 99, 99)).worked_answer == "<9+9+9=27;9+9+9+2=29>297\n"
     assert ArithmeticProblem((1234, 5678), 4).worked_answer == (
-        "<4+8=12;3+7+1=11;2+6+1=09;1+5+0=06>06912\n")
+        "<4+8=12;3+7+1=11;2+6+1=09;1+5+0=06>06912\n"
+    )
 
 
 @given(st.lists(st.integers(0, 9999), min_size=2, max_size=9), st.integers(1, 4))
@@ -74,9 +75,9 @@ def test_column_steps_add_up_to_the_answer(ops, n_digits):
 
 def test_step_correctness_is_judged_apart_from_the_answer():
     p = ArithmeticProblem((7, 45, 13))
-    assert data.steps_correct(p, "<7+5+3=15;0+4+1+1=06>064\n")      # right steps, wrong answer
+    assert data.steps_correct(p, "<7+5+3=15;0+4+1+1=06>064\n")  # right steps, wrong answer
     assert not data.steps_correct(p, "<7+5+3=19;0+4+1+1=06>065\n")  # a wrong step
-    assert not data.steps_correct(p, "<7+5+3=15>065\n")             # a missing step
+    assert not data.steps_correct(p, "<7+5+3=15>065\n")  # a missing step
 
 
 def test_worked_fraction_and_lengths():
@@ -107,20 +108,23 @@ def test_verifier_accepts_both_formats_of_the_right_answer(ops):
     assert not data.check_completion(p, wrong)
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("065\n", 65),
-    ("065\n12+", 65),               # text after the end token is ignored
-    ("<7+5+3=15;0+4+1+1=06>065\n", 65),
-    ("065", None),                  # never finished
-    ("<7+5+3=15;0+4+1+1=06065\n", None),  # worked block never closed
-    ("<07+45=05x>065\n", None),     # junk inside the block
-    ("<>065\n", 65),
-    ("\n", None),                   # empty answer
-    ("6 5\n", None),
-    ("-65\n", None),
-    ("٦٥\n", None),                 # non-ASCII digits
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("065\n", 65),
+        ("065\n12+", 65),  # text after the end token is ignored
+        ("<7+5+3=15;0+4+1+1=06>065\n", 65),
+        ("065", None),  # never finished
+        ("<7+5+3=15;0+4+1+1=06065\n", None),  # worked block never closed
+        ("<07+45=05x>065\n", None),  # junk inside the block
+        ("<>065\n", 65),
+        ("\n", None),  # empty answer
+        ("6 5\n", None),
+        ("-65\n", None),
+        ("٦٥\n", None),  # non-ASCII digits
+        ("", None),
+    ],
+)
 def test_parse_final_answer_edge_cases(completion, expected):
     assert data.parse_final_answer(completion) == expected
 

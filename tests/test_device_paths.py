@@ -76,8 +76,9 @@ def test_make_generator_streams_equal_a_seeded_torch_generator():
     b = torch.Generator().manual_seed(7)
     assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
     c = runtime.seed_everything(7, "cpu")
-    assert torch.equal(torch.rand(5, generator=c),
-                       torch.rand(5, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(
+        torch.rand(5, generator=c), torch.rand(5, generator=torch.Generator().manual_seed(7))
+    )
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
@@ -98,8 +99,10 @@ def test_the_probe_makes_an_unnamed_generator_look_foreign(probe):
     assert runtime.seed_everything(0, "cpu").device == torch.device("cpu")
     assert runtime.make_generator(0, "cpu").device == torch.device("cpu")
     g = torch.Generator().manual_seed(0)  # drawing on the CPU and moving is fine everywhere
-    assert torch.equal(torch.randn(3, generator=g),
-                       torch.randn(3, generator=torch.Generator(device="cpu").manual_seed(0)))
+    assert torch.equal(
+        torch.randn(3, generator=g),
+        torch.randn(3, generator=torch.Generator(device="cpu").manual_seed(0)),
+    )
 
 
 def test_sampling_refuses_a_generator_from_another_device(probe):
@@ -124,7 +127,8 @@ def _with_probe(path: Path, out: Path) -> Path:
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     probe_cell = nbformat.v4.new_code_cell(
         f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "import device_probe\ndevice_probe.install()")
+        "import device_probe\ndevice_probe.install()"
+    )
     nb.cells.insert(first_code + 1, probe_cell)
     nbformat.write(nb, out)
     return out
@@ -141,9 +145,11 @@ def test_notebook_makes_generators_for_its_device(path: Path, tmp_path: Path, mo
     try:
         execute_notebook(probed, tmp_path / f"out_{path.name}", timeout_s=300, cwd=path.parent)
     except NotebookFailed as err:
-        pytest.fail(f"{err}\n(run under tests/device_probe.py: a generator handed to code "
-                    "that draws on the model's device must come from "
-                    "runtime.make_generator(seed, device))")
+        pytest.fail(
+            f"{err}\n(run under tests/device_probe.py: a generator handed to code "
+            "that draws on the model's device must come from "
+            "runtime.make_generator(seed, device))"
+        )
     assert os.environ["COURSE_SMOKE"] == "1"
 
 

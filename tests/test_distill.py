@@ -14,8 +14,15 @@ from course_utils.decoder import DecoderConfig, TinyDecoder
 
 def _tiny(seed=0, hidden=32, layers=1):
     torch.manual_seed(seed)
-    return TinyDecoder(DecoderConfig(16, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=2, max_position_embeddings=64))
+    return TinyDecoder(
+        DecoderConfig(
+            16,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
@@ -30,10 +37,12 @@ def test_forward_and_reverse_differ_by_the_hand_computed_amounts():
     student = torch.log(torch.tensor([[0.9, 0.1]]))
     fwd = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108
     rev = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # 0.3681
-    assert distill.distillation_kl(student, teacher, 1.0, "forward").item() == \
-        pytest.approx(fwd, abs=1e-6)
-    assert distill.distillation_kl(student, teacher, 1.0, "reverse").item() == \
-        pytest.approx(rev, abs=1e-6)
+    assert distill.distillation_kl(student, teacher, 1.0, "forward").item() == pytest.approx(
+        fwd, abs=1e-6
+    )
+    assert distill.distillation_kl(student, teacher, 1.0, "reverse").item() == pytest.approx(
+        rev, abs=1e-6
+    )
     # with T = 2 the logits are halved, and the result is scaled by T^2 = 4
     p = torch.softmax(teacher / 2, -1)[0]
     q = torch.softmax(student / 2, -1)[0]
@@ -66,8 +75,9 @@ def test_mask_selects_positions():
     mask = torch.tensor([[True, False, True], [False, False, True]])
     per = distill.distillation_kl(z_s, z_t, reduction="none")
     assert per.shape == (2, 3)
-    assert distill.distillation_kl(z_s, z_t, mask=mask).item() == \
-        pytest.approx(per[mask].mean().item(), abs=1e-6)
+    assert distill.distillation_kl(z_s, z_t, mask=mask).item() == pytest.approx(
+        per[mask].mean().item(), abs=1e-6
+    )
     with pytest.raises(ValueError, match="mask"):
         distill.distillation_kl(z_s, z_t, mask=mask[:, :2])
     with pytest.raises(ValueError, match="direction"):
@@ -79,8 +89,9 @@ def test_distillation_set_keeps_only_verified_samples():
     problems = task.problems(10, seed=0)
     right = {p.operands for p in problems[::2]}
     teacher = ScriptedModel(lambda p: p.worked_answer if p.operands in right else "000\n")
-    data = distill.build_distillation_set(teacher, problems, samples_per_problem=3,
-                                          generator=torch.Generator().manual_seed(0))
+    data = distill.build_distillation_set(
+        teacher, problems, samples_per_problem=3, generator=torch.Generator().manual_seed(0)
+    )
     assert data.n_sampled == 30 and len(data) == 15 and data.keep_rate == 0.5
     assert data.worked_fraction == 1.0
     assert data.lines[0] == problems[0].prompt + problems[0].worked_answer
@@ -121,12 +132,20 @@ def test_logit_and_on_policy_distillation_reduce_the_kl():
     x, _ = get_batch()
     with torch.no_grad():
         before = distill.distillation_kl(student(x), teacher(x)).item()
-    res = distill.train_logit_distillation(student, teacher, get_batch, 40, temperature=1.0,
-                                           alpha=1.0, lr=1e-2, progress=False)
+    res = distill.train_logit_distillation(
+        student, teacher, get_batch, 40, temperature=1.0, alpha=1.0, lr=1e-2, progress=False
+    )
     with torch.no_grad():
         after = distill.distillation_kl(student(x), teacher(x)).item()
     assert after < 0.5 * before and len(res.losses) == 40
-    onp = distill.train_on_policy_distillation(student, teacher, task.problems(50), steps=15,
-                                               batch_size=16, lr=1e-2, max_new_tokens=6,
-                                               progress=False)
+    onp = distill.train_on_policy_distillation(
+        student,
+        teacher,
+        task.problems(50),
+        steps=15,
+        batch_size=16,
+        lr=1e-2,
+        max_new_tokens=6,
+        progress=False,
+    )
     assert sum(onp.losses[-3:]) < sum(onp.losses[:3])

@@ -41,35 +41,74 @@ def _causal_softmax_zero(s):
 
 
 CASES = [
-    (ex.check_attention_weights, lambda q, k: torch.softmax(k @ q, -1), lambda q, k: k @ q,
-     "raw scores"),
-    (ex.check_attention_weights, lambda q, k: torch.softmax(k @ q, -1),
-     lambda q, k: (k @ q) / (k @ q).sum(), "negative weight"),
-    (ex.check_context_vectors, lambda x: torch.softmax(x @ x.T, -1) @ x,
-     lambda x: torch.softmax(x @ x.T, 0) @ x, "dim=0"),
-    (ex.check_scaled_attention,
-     lambda q, k, v: torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), -1) @ v,
-     lambda q, k, v: torch.softmax(q @ k.T / q.shape[-1], -1) @ v, "divided by d"),
-    (ex.check_scaled_attention,
-     lambda q, k, v: torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), -1) @ v,
-     lambda q, k, v: torch.softmax(q @ k.T, -1) @ v, "forgot the scale"),
-    (ex.check_causal_mask, lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
-     lambda t: torch.ones(t, t, dtype=torch.bool).triu(), "upper triangle"),
-    (ex.check_causal_mask, lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
-     lambda t: torch.ones(t, t, dtype=torch.bool).tril(-1), "diagonal"),
-    (ex.check_causal_mask, lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
-     lambda t: torch.ones(t, t).tril(), "dtype"),
+    (
+        ex.check_attention_weights,
+        lambda q, k: torch.softmax(k @ q, -1),
+        lambda q, k: k @ q,
+        "raw scores",
+    ),
+    (
+        ex.check_attention_weights,
+        lambda q, k: torch.softmax(k @ q, -1),
+        lambda q, k: (k @ q) / (k @ q).sum(),
+        "negative weight",
+    ),
+    (
+        ex.check_context_vectors,
+        lambda x: torch.softmax(x @ x.T, -1) @ x,
+        lambda x: torch.softmax(x @ x.T, 0) @ x,
+        "dim=0",
+    ),
+    (
+        ex.check_scaled_attention,
+        lambda q, k, v: torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), -1) @ v,
+        lambda q, k, v: torch.softmax(q @ k.T / q.shape[-1], -1) @ v,
+        "divided by d",
+    ),
+    (
+        ex.check_scaled_attention,
+        lambda q, k, v: torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), -1) @ v,
+        lambda q, k, v: torch.softmax(q @ k.T, -1) @ v,
+        "forgot the scale",
+    ),
+    (
+        ex.check_causal_mask,
+        lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
+        lambda t: torch.ones(t, t, dtype=torch.bool).triu(),
+        "upper triangle",
+    ),
+    (
+        ex.check_causal_mask,
+        lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
+        lambda t: torch.ones(t, t, dtype=torch.bool).tril(-1),
+        "diagonal",
+    ),
+    (
+        ex.check_causal_mask,
+        lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
+        lambda t: torch.ones(t, t).tril(),
+        "dtype",
+    ),
     (ex.check_causal_softmax, _causal_softmax_right, _causal_softmax_after, "renormalising"),
     (ex.check_causal_softmax, _causal_softmax_right, _causal_softmax_zero, "exp(0) = 1"),
-    (ex.check_split_heads, _split_right,
-     lambda x, h: x.reshape(x.shape[0], h, x.shape[1], x.shape[2] // h), "swap t and h"),
-    (ex.check_merge_heads, _merge_right,
-     lambda y: y.reshape(y.shape[0], y.shape[2], -1), "skipped the transpose"),
+    (
+        ex.check_split_heads,
+        _split_right,
+        lambda x, h: x.reshape(x.shape[0], h, x.shape[1], x.shape[2] // h),
+        "swap t and h",
+    ),
+    (
+        ex.check_merge_heads,
+        _merge_right,
+        lambda y: y.reshape(y.shape[0], y.shape[2], -1),
+        "skipped the transpose",
+    ),
 ]
 
 
-@pytest.mark.parametrize("checker, right, wrong, reason", CASES,
-                         ids=[f"{c[0].__name__}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize(
+    "checker, right, wrong, reason", CASES, ids=[f"{c[0].__name__}-{c[3]}" for c in CASES]
+)
 def test_function_checkers(checker, right, wrong, reason):
     verdict = checker(right)
     assert verdict and verdict.correct, verdict

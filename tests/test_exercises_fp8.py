@@ -77,7 +77,7 @@ def _gemm(a_q, a_s, b_q, b_s, tile, use_a=True, use_b=True, only_first=False):
     out = torch.zeros(m, n)
     for j in range(0, k, tile):
         s = 0 if only_first else j // tile
-        part = a_q[:, j:j + tile].float() @ b_q[:, j:j + tile].float().T
+        part = a_q[:, j : j + tile].float() @ b_q[:, j : j + tile].float().T
         if use_a:
             part = part * a_s[:, s, None]
         if use_b:
@@ -90,21 +90,42 @@ def _gemm_fp8_math(a_q, a_s, b_q, b_s, tile):
     return a_q @ b_q.T  # FP8 output (recent torch) or a crash (older torch)
 
 
-@pytest.mark.parametrize("checker, right, wrongs", [
-    (ex.check_block_scales, _scales_right,
-     [(_scales_no_division, "block maxima themselves"), (_scales_inverted, "448 / amax"),
-      (_scales_floor, "edge blocks"), (_scales_zero_block_nan, "all-zero block"),
-      (_scales_per_tensor, "per-tensor")]),
-    (ex.check_quantize_tiles, _tiles_right,
-     [(_tiles_per_row, "one scale per row"), (_tiles_not_cast, "float8_e4m3fn"),
-      (_tiles_multiplied, "multiplied")]),
-    (ex.check_fp8_gemm, _gemm,
-     [(lambda *a: _gemm(*a, use_a=False, use_b=False), "never applied the scales"),
-      (lambda *a: _gemm(*a, use_b=False), "only a's scales"),
-      (lambda *a: _gemm(*a, use_a=False), "only b's scales"),
-      (lambda *a: _gemm(*a, only_first=True), "first K slice"),
-      (_gemm_fp8_math, "upcast")]),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrongs",
+    [
+        (
+            ex.check_block_scales,
+            _scales_right,
+            [
+                (_scales_no_division, "block maxima themselves"),
+                (_scales_inverted, "448 / amax"),
+                (_scales_floor, "edge blocks"),
+                (_scales_zero_block_nan, "all-zero block"),
+                (_scales_per_tensor, "per-tensor"),
+            ],
+        ),
+        (
+            ex.check_quantize_tiles,
+            _tiles_right,
+            [
+                (_tiles_per_row, "one scale per row"),
+                (_tiles_not_cast, "float8_e4m3fn"),
+                (_tiles_multiplied, "multiplied"),
+            ],
+        ),
+        (
+            ex.check_fp8_gemm,
+            _gemm,
+            [
+                (lambda *a: _gemm(*a, use_a=False, use_b=False), "never applied the scales"),
+                (lambda *a: _gemm(*a, use_b=False), "only a's scales"),
+                (lambda *a: _gemm(*a, use_a=False), "only b's scales"),
+                (lambda *a: _gemm(*a, only_first=True), "first K slice"),
+                (_gemm_fp8_math, "upcast"),
+            ],
+        ),
+    ],
+)
 def test_checker(checker, right, wrongs):
     fb = checker(right)
     assert fb.correct, fb.message

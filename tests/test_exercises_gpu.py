@@ -34,28 +34,49 @@ def _step_upside_down(m, l, block):
     return m_new, l * torch.exp(m_new - m) + torch.exp(block - m_new).sum()
 
 
-@pytest.mark.parametrize("checker, right, wrongs", [
-    (ex.check_matmul_intensity, _intensity,
-     [(lambda m, n, k, b: _intensity(m, n, k, b, factor=1), "2 FLOPs"),
-      (lambda m, n, k, b: _intensity(m, n, k, b, out=False), "writing C"),
-      (lambda m, n, k, b: _intensity(m, n, k, b, per_byte=False), "dtype_bytes"),
-      (lambda m, n, k, b: 2 * m * n * k, "FLOP count"),
-      (lambda m, n, k, b: "high", "a number"),
-      (lambda m, n, k, b: _intensity(m, n, k, b) + 1, "expected")]),
-    (ex.check_attainable_flops, lambda i, p, b: min(p, i * b),
-     [(lambda i, p, b: max(p, i * b), "minimum"),
-      (lambda i, p, b: min(p, i / b), "units"),
-      (lambda i, p, b: i * b, "compute peak"),
-      (lambda i, p, b: float("inf"), "finite"),
-      (lambda i, p, b: p, "minimum"),
-      (lambda i, p, b: 2 * min(p, i * b), "expected")]),
-    (ex.check_online_softmax_step, _step,
-     [(lambda m, l, b: _step(m, l, b, rescale=False), "exp(m - m_new)"),
-      (lambda m, l, b: (torch.maximum(m, b.max()), l + torch.exp(b).sum()), "sum(exp(x - max))"),
-      (lambda m, l, b: (m, l), "stream's max"),
-      (lambda m, l, b: _step_upside_down(m, l, b), "not finite"),
-      (lambda m, l, b: m, "tuple")]),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrongs",
+    [
+        (
+            ex.check_matmul_intensity,
+            _intensity,
+            [
+                (lambda m, n, k, b: _intensity(m, n, k, b, factor=1), "2 FLOPs"),
+                (lambda m, n, k, b: _intensity(m, n, k, b, out=False), "writing C"),
+                (lambda m, n, k, b: _intensity(m, n, k, b, per_byte=False), "dtype_bytes"),
+                (lambda m, n, k, b: 2 * m * n * k, "FLOP count"),
+                (lambda m, n, k, b: "high", "a number"),
+                (lambda m, n, k, b: _intensity(m, n, k, b) + 1, "expected"),
+            ],
+        ),
+        (
+            ex.check_attainable_flops,
+            lambda i, p, b: min(p, i * b),
+            [
+                (lambda i, p, b: max(p, i * b), "minimum"),
+                (lambda i, p, b: min(p, i / b), "units"),
+                (lambda i, p, b: i * b, "compute peak"),
+                (lambda i, p, b: float("inf"), "finite"),
+                (lambda i, p, b: p, "minimum"),
+                (lambda i, p, b: 2 * min(p, i * b), "expected"),
+            ],
+        ),
+        (
+            ex.check_online_softmax_step,
+            _step,
+            [
+                (lambda m, l, b: _step(m, l, b, rescale=False), "exp(m - m_new)"),
+                (
+                    lambda m, l, b: (torch.maximum(m, b.max()), l + torch.exp(b).sum()),
+                    "sum(exp(x - max))",
+                ),
+                (lambda m, l, b: (m, l), "stream's max"),
+                (lambda m, l, b: _step_upside_down(m, l, b), "not finite"),
+                (lambda m, l, b: m, "tuple"),
+            ],
+        ),
+    ],
+)
 def test_checker(checker, right, wrongs):
     fb = checker(right)
     assert fb.correct and fb.attempted, fb.message
@@ -72,6 +93,5 @@ def test_checker(checker, right, wrongs):
 
 
 def test_checkers_are_exported():
-    for name in ("check_matmul_intensity", "check_attainable_flops",
-                 "check_online_softmax_step"):
+    for name in ("check_matmul_intensity", "check_attainable_flops", "check_online_softmax_step"):
         assert name in ex.__dict__

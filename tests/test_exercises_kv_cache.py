@@ -46,41 +46,85 @@ def _expand(w, n_heads, n_kv, tile=False):
     return w.view(n_kv, hd, -1).repeat_interleave(n_heads // n_kv, 0).reshape(n_heads * hd, -1)
 
 
-@pytest.mark.parametrize("checker, right, wrongs", [
-    (ex.check_offset_attention,
-     lambda w, k: w.diagonal(offset=-k, dim1=-2, dim2=-1).mean(-1),
-     [(lambda w, k: w.diagonal(offset=k, dim1=-2, dim2=-1).mean(-1), "FUTURE"),
-      (lambda w, k: w.diagonal(offset=-k, dim1=-2, dim2=-1).sum(-1) / w.shape[-1],
-       "divided by all t"),
-      (lambda w, k: w.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1), "off by")]),
-    (ex.check_attention_entropy,
-     lambda w: -torch.special.xlogy(w[:, 1:], w[:, 1:]).sum(-1).mean(-1),
-     [(lambda w: -(w[:, 1:] * w[:, 1:].log()).sum(-1).mean(-1), "nan"),
-      (lambda w: -torch.special.xlogy(w, w).sum(-1).mean(-1), "query 0"),
-      (lambda w: -(torch.special.xlogy(w[:, 1:], w[:, 1:]) / math.log(2)).sum(-1).mean(-1),
-       "bits")]),
-    (ex.check_kv_cache_bytes, _bytes,
-     [(lambda c, s, b, e: _bytes(c, s, b, e, k_and_v=1), "keys AND values"),
-      (lambda c, s, b, e: _bytes(c, s, b, e, layers=False), "every layer"),
-      (lambda c, s, b, e: _bytes(c, s, b, e, heads_key="num_attention_heads"),
-       "num_key_value_heads"),
-      (lambda c, s, b, e: _bytes(c, s, b, 1), "bytes_per_element"),
-      (lambda c, s, b, e: _bytes(c, s, 1, e), "batch_size"),
-      (lambda c, s, b, e: "many", "a number")]),
-    (ex.check_cached_decode_step, _decode_step,
-     [(lambda *a: _decode_step(*a, scale=False), "sqrt"),
-      (lambda *a: _decode_step(*a, append=False), "attend to itself"),
-      (lambda *a: _decode_step(*a)[0], "three things")]),
-    (ex.check_mqa_attention, _mqa,
-     [(lambda q, k, v: _mqa(q, k, v, causal=False), "causal mask"),
-      (lambda q, k, v: _mqa(q, k, v)[:, :1], "shape")]),
-    (ex.check_query_heads_of_kv_head, lambda h, n, j: list(range(j * h // n, (j + 1) * h // n)),
-     [(lambda h, n, j: list(range(j, h, n)), "interleaved"),
-      (lambda h, n, j: [j], "serves")]),
-    (ex.check_expand_kv_weight, _expand,
-     [(lambda w, h, n: _expand(w, h, n, tile=True), "tiled"),
-      (lambda w, h, n: w.repeat_interleave(h // n, dim=0), "single rows")]),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrongs",
+    [
+        (
+            ex.check_offset_attention,
+            lambda w, k: w.diagonal(offset=-k, dim1=-2, dim2=-1).mean(-1),
+            [
+                (lambda w, k: w.diagonal(offset=k, dim1=-2, dim2=-1).mean(-1), "FUTURE"),
+                (
+                    lambda w, k: w.diagonal(offset=-k, dim1=-2, dim2=-1).sum(-1) / w.shape[-1],
+                    "divided by all t",
+                ),
+                (lambda w, k: w.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1), "off by"),
+            ],
+        ),
+        (
+            ex.check_attention_entropy,
+            lambda w: -torch.special.xlogy(w[:, 1:], w[:, 1:]).sum(-1).mean(-1),
+            [
+                (lambda w: -(w[:, 1:] * w[:, 1:].log()).sum(-1).mean(-1), "nan"),
+                (lambda w: -torch.special.xlogy(w, w).sum(-1).mean(-1), "query 0"),
+                (
+                    lambda w: (
+                        -(torch.special.xlogy(w[:, 1:], w[:, 1:]) / math.log(2)).sum(-1).mean(-1)
+                    ),
+                    "bits",
+                ),
+            ],
+        ),
+        (
+            ex.check_kv_cache_bytes,
+            _bytes,
+            [
+                (lambda c, s, b, e: _bytes(c, s, b, e, k_and_v=1), "keys AND values"),
+                (lambda c, s, b, e: _bytes(c, s, b, e, layers=False), "every layer"),
+                (
+                    lambda c, s, b, e: _bytes(c, s, b, e, heads_key="num_attention_heads"),
+                    "num_key_value_heads",
+                ),
+                (lambda c, s, b, e: _bytes(c, s, b, 1), "bytes_per_element"),
+                (lambda c, s, b, e: _bytes(c, s, 1, e), "batch_size"),
+                (lambda c, s, b, e: "many", "a number"),
+            ],
+        ),
+        (
+            ex.check_cached_decode_step,
+            _decode_step,
+            [
+                (lambda *a: _decode_step(*a, scale=False), "sqrt"),
+                (lambda *a: _decode_step(*a, append=False), "attend to itself"),
+                (lambda *a: _decode_step(*a)[0], "three things"),
+            ],
+        ),
+        (
+            ex.check_mqa_attention,
+            _mqa,
+            [
+                (lambda q, k, v: _mqa(q, k, v, causal=False), "causal mask"),
+                (lambda q, k, v: _mqa(q, k, v)[:, :1], "shape"),
+            ],
+        ),
+        (
+            ex.check_query_heads_of_kv_head,
+            lambda h, n, j: list(range(j * h // n, (j + 1) * h // n)),
+            [
+                (lambda h, n, j: list(range(j, h, n)), "interleaved"),
+                (lambda h, n, j: [j], "serves"),
+            ],
+        ),
+        (
+            ex.check_expand_kv_weight,
+            _expand,
+            [
+                (lambda w, h, n: _expand(w, h, n, tile=True), "tiled"),
+                (lambda w, h, n: w.repeat_interleave(h // n, dim=0), "single rows"),
+            ],
+        ),
+    ],
+)
 def test_function_checkers(checker, right, wrongs):
     verdict = checker(right)
     assert verdict and verdict.attempted, verdict

@@ -28,8 +28,11 @@ def test_active_parameters_counting_everything_is_explained():
 
 def test_active_parameters_forgetting_shared_experts_is_explained():
     def no_shared(c):
-        return _active(c) - c.num_moe_layers * 3 * c.hidden_size * c.moe_intermediate_size \
-            * c.n_shared_experts
+        return (
+            _active(c)
+            - c.num_moe_layers * 3 * c.hidden_size * c.moe_intermediate_size * c.n_shared_experts
+        )
+
     fb = check_active_parameters(no_shared)
     assert not fb.correct and "shared experts" in fb.message
 
@@ -40,6 +43,7 @@ def test_active_parameters_none_and_crash():
 
     def crash(c):
         raise KeyError("oops")
+
     fb = check_active_parameters(crash)
     assert not fb.correct and fb.attempted and "KeyError" in fb.message
     fb = check_active_parameters(lambda c: "many")
@@ -61,10 +65,18 @@ def test_cache_bytes_typical_mistakes_are_explained():
     fb = check_model_cache_bytes(lambda c, b: c.kv_lora_rank * b * c.num_hidden_layers)
     assert not fb.correct and "RoPE" in fb.message
     fb = check_model_cache_bytes(
-        lambda c, b: (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers)
+        lambda c, b: (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers
+    )
     assert not fb.correct and "bytes" in fb.message
-    fb = check_model_cache_bytes(lambda c, b: 2 * c.num_attention_heads * (
-        c.qk_nope_head_dim + c.qk_rope_head_dim) * b * c.num_hidden_layers)
+    fb = check_model_cache_bytes(
+        lambda c, b: (
+            2
+            * c.num_attention_heads
+            * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+            * b
+            * c.num_hidden_layers
+        )
+    )
     assert not fb.correct and "latent" in fb.message
 
 
@@ -74,9 +86,11 @@ def test_cache_bytes_none_and_crash():
 
     def crash(c, b):
         raise NotImplementedError
+
     assert not check_model_cache_bytes(crash).attempted
 
     def boom(c, b):
         return 1 / 0
+
     fb = check_model_cache_bytes(boom)
     assert not fb.correct and fb.attempted and "ZeroDivisionError" in fb.message

@@ -27,8 +27,9 @@ def _v3_right(scores, bias, k, n_group, topk_group, norm, scale):
     t, e = scores.shape
     biased = scores + bias
     gs = biased.view(t, n_group, -1).topk(2, dim=-1).values.sum(-1)
-    keep = torch.zeros(t, n_group, dtype=torch.bool).scatter_(1, gs.topk(topk_group, -1).indices,
-                                                              True)
+    keep = torch.zeros(t, n_group, dtype=torch.bool).scatter_(
+        1, gs.topk(topk_group, -1).indices, True
+    )
     biased = biased.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
     idx = biased.topk(k, -1).indices
     w = scores.gather(1, idx)
@@ -98,8 +99,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("checker, right, wrong, reason", CASES,
-                         ids=[c[0].__name__ for c in CASES])
+@pytest.mark.parametrize("checker, right, wrong, reason", CASES, ids=[c[0].__name__ for c in CASES])
 def test_function_checkers(checker, right, wrong, reason):
     assert checker(right)
     bad = checker(wrong)
@@ -116,7 +116,8 @@ def test_v3_routing_checker_catches_max_group_score():
         biased = scores + bias
         gs = biased.view(t, n_group, -1).amax(-1)
         keep = torch.zeros(t, n_group, dtype=torch.bool).scatter_(
-            1, gs.topk(topk_group, -1).indices, True)
+            1, gs.topk(topk_group, -1).indices, True
+        )
         biased = biased.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
         idx = biased.topk(k, -1).indices
         w = scores.gather(1, idx)

@@ -11,7 +11,7 @@ def _crash(*args):
 
 
 def test_depth_targets_right():
-    fb = check_depth_targets(lambda seq, k: seq[k + 1:])
+    fb = check_depth_targets(lambda seq, k: seq[k + 1 :])
     assert fb.correct and fb.attempted
 
 

@@ -145,8 +145,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("checker, right, wrong, reason", CASES,
-                         ids=[f"{c[0].__name__}-{c[2].__name__}" for c in CASES])
+@pytest.mark.parametrize(
+    "checker, right, wrong, reason", CASES, ids=[f"{c[0].__name__}-{c[2].__name__}" for c in CASES]
+)
 def test_function_checkers(checker, right, wrong, reason):
     assert checker(right), checker(right).message
     bad = checker(wrong)

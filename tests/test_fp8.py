@@ -50,7 +50,7 @@ def _scales_by_loops(x: torch.Tensor, br: int, bc: int, top: float = E4M3_MAX) -
     out = torch.empty((rows + br - 1) // br, (cols + bc - 1) // bc)
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
-            amax = x[i * br:(i + 1) * br, j * bc:(j + 1) * bc].abs().max().item()
+            amax = x[i * br : (i + 1) * br, j * bc : (j + 1) * bc].abs().max().item()
             out[i, j] = amax / top if amax > 0 else 1.0
     return out
 
@@ -66,10 +66,13 @@ def _round_trip_bound(x: torch.Tensor, scale_per_element: torch.Tensor) -> torch
 # -- formats and casting ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, e, m, top, normal, sub", [
-    (E4M3, 4, 3, 448.0, 2.0**-6, 2.0**-9),
-    (E5M2, 5, 2, 57344.0, 2.0**-14, 2.0**-16),
-])
+@pytest.mark.parametrize(
+    "dtype, e, m, top, normal, sub",
+    [
+        (E4M3, 4, 3, 448.0, 2.0**-6, 2.0**-9),
+        (E5M2, 5, 2, 57344.0, 2.0**-14, 2.0**-16),
+    ],
+)
 def test_formats_match_the_bit_patterns(dtype, e, m, top, normal, sub):
     f = fp8.fp8_format(dtype)
     assert (f.exponent_bits, f.mantissa_bits) == (e, m)
@@ -107,8 +110,10 @@ def test_cast_rounds_to_the_nearest_representable_value():
 # -- block scales and round trips ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, block", [((256, 384), (128, 128)), ((130, 200), (128, 128)),
-                                          ((7, 100), (1, 32)), ((64, 64), (32, 16))])
+@pytest.mark.parametrize(
+    "shape, block",
+    [((256, 384), (128, 128)), ((130, 200), (128, 128)), ((7, 100), (1, 32)), ((64, 64), (32, 16))],
+)
 def test_block_scales_are_amax_over_448(shape, block):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[1])
@@ -121,15 +126,19 @@ def test_block_scales_are_amax_over_448(shape, block):
     assert q.dtype == E4M3 and q.shape == x.shape
 
 
-@pytest.mark.parametrize("shape, block", [((256, 384), (128, 128)), ((130, 200), (128, 128)),
-                                          ((50, 70), (1, 32))])
+@pytest.mark.parametrize(
+    "shape, block", [((256, 384), (128, 128)), ((130, 200), (128, 128)), ((50, 70), (1, 32))]
+)
 def test_round_trip_error_is_within_half_an_e4m3_step(shape, block):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g) * torch.logspace(-2, 4, shape[0])[:, None]
     q, scales = fp8.quantize_blockwise(x, block)
     back = fp8.dequantize_blockwise(q, scales, block)
-    scale_el = _scales_by_loops(x, *block).repeat_interleave(block[0], 0).repeat_interleave(
-        block[1], 1)[: shape[0], : shape[1]]
+    scale_el = (
+        _scales_by_loops(x, *block)
+        .repeat_interleave(block[0], 0)
+        .repeat_interleave(block[1], 1)[: shape[0], : shape[1]]
+    )
     assert ((back - x).abs() <= _round_trip_bound(x, scale_el)).all()
     # each block's largest magnitude lands exactly on +-448
     per_block = _scales_by_loops(q.float(), *block, top=1.0)
@@ -137,8 +146,13 @@ def test_round_trip_error_is_within_half_an_e4m3_step(shape, block):
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 40), cols=st.integers(1, 90), tile=st.sampled_from([1, 8, 32, 128]),
-       log_scale=st.floats(-20, 20), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 90),
+    tile=st.sampled_from([1, 8, 32, 128]),
+    log_scale=st.floats(-20, 20),
+    seed=st.integers(0, 2**16),
+)
 def test_tile_round_trip_property(rows, cols, tile, log_scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g, dtype=torch.float64).float() * 2.0**log_scale
@@ -204,8 +218,10 @@ def _quantised_operands(m=48, n=80, k=300, tile=32, seed=4):
 def test_blockwise_gemm_equals_dequantise_then_matmul(tile):
     a, b, a_q, a_s, b_q, b_s = _quantised_operands(tile=tile)
     got = fp8.fp8_gemm_blockwise(a_q, a_s, b_q, b_s, tile)
-    want = (fp8.dequantize_tiles(a_q, a_s, tile).double()
-            @ fp8.dequantize_blocks(b_q, b_s, tile).double().T)
+    want = (
+        fp8.dequantize_tiles(a_q, a_s, tile).double()
+        @ fp8.dequantize_blocks(b_q, b_s, tile).double().T
+    )
     assert got.dtype == torch.float32
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
     # and it is close to the exact product: FP8 costs a few percent, not more
@@ -287,8 +303,9 @@ def _fake_quant_linear(x, weight, bias, tile):
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("in_f, out_f, tile, bias", [(64, 48, 32, True), (100, 17, 32, False),
-                                                     (256, 128, 128, True)])
+@pytest.mark.parametrize(
+    "in_f, out_f, tile, bias", [(64, 48, 32, True), (100, 17, 32, False), (256, 128, 128, True)]
+)
 def test_fp8_linear_forward_and_straight_through_gradients(in_f, out_f, tile, bias):
     torch.manual_seed(7)
     layer = FP8Linear(in_f, out_f, bias=bias, tile=tile)
@@ -325,8 +342,9 @@ def test_fp8_linear_scaled_mm_backend_matches_simulated():
     assert torch.allclose(y, sim(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not fp8.scaled_mm_supported("cuda"),
-                    reason="needs a CUDA GPU of compute capability >= 8.9")
+@pytest.mark.skipif(
+    not fp8.scaled_mm_supported("cuda"), reason="needs a CUDA GPU of compute capability >= 8.9"
+)
 def test_scaled_mm_on_an_fp8_gpu():
     a, b, a_q, a_s, b_q, b_s = _quantised_operands(n=70, k=200, tile=32)
     got = fp8.fp8_gemm_scaled_mm(*(t.cuda() for t in (a_q, a_s, b_q, b_s)), 32).cpu()
@@ -373,8 +391,9 @@ def test_fp8_linear_from_linear_shares_parameters_and_handles_empty_input():
 
 def _decoder():
     torch.manual_seed(10)
-    return TinyDecoder(DecoderConfig(vocab_size=17, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4))
+    return TinyDecoder(
+        DecoderConfig(vocab_size=17, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
 
 
 def test_convert_keeps_state_dict_and_outputs_close():
@@ -402,8 +421,9 @@ def test_convert_keeps_state_dict_and_outputs_close():
 
 def test_convert_skip_patterns_and_training_step():
     model = _decoder()
-    convert_linears_to_fp8(model, skip=("lm_head", "down_proj", "layers.0.self_attn.q_proj"),
-                           tile=32)
+    convert_linears_to_fp8(
+        model, skip=("lm_head", "down_proj", "layers.0.self_attn.q_proj"), tile=32
+    )
     kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert kinds["layers.1.mlp.down_proj"] == "Linear"
     assert kinds["layers.0.self_attn.q_proj"] == "Linear"
@@ -420,15 +440,32 @@ def test_convert_works_on_mla_and_deepseek_moe():
     from course_utils.moe import DeepSeekMoE, MoEConfig
 
     torch.manual_seed(11)
-    block = nn.ModuleDict({
-        "attn": MultiHeadLatentAttention(MLAConfig(hidden_size=64, num_attention_heads=4,
-                                                   kv_lora_rank=32, qk_nope_head_dim=16,
-                                                   qk_rope_head_dim=8, v_head_dim=16,
-                                                   q_lora_rank=48)),
-        "moe": DeepSeekMoE(MoEConfig(hidden_size=64, moe_intermediate_size=32,
-                                     n_routed_experts=8, num_experts_per_tok=2,
-                                     n_shared_experts=1, n_group=2, topk_group=1)),
-    })
+    block = nn.ModuleDict(
+        {
+            "attn": MultiHeadLatentAttention(
+                MLAConfig(
+                    hidden_size=64,
+                    num_attention_heads=4,
+                    kv_lora_rank=32,
+                    qk_nope_head_dim=16,
+                    qk_rope_head_dim=8,
+                    v_head_dim=16,
+                    q_lora_rank=48,
+                )
+            ),
+            "moe": DeepSeekMoE(
+                MoEConfig(
+                    hidden_size=64,
+                    moe_intermediate_size=32,
+                    n_routed_experts=8,
+                    num_experts_per_tok=2,
+                    n_shared_experts=1,
+                    n_group=2,
+                    topk_group=1,
+                )
+            ),
+        }
+    )
     x = torch.randn(2, 10, 64)
     with torch.no_grad():  # the MoE gets the same input both times, so the same routing
         want_attn, want_moe = block["attn"](x), block["moe"](x)
@@ -445,27 +482,36 @@ def test_convert_works_on_mla_and_deepseek_moe():
     assert 0.01 < fp8.relative_error(got_moe, want_moe) < 0.1
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: fp8.quantize_tiles(torch.randn(4, 8), 0), "tile"),
-    (lambda: fp8.quantize_tiles(torch.randn(4, 8), 2.5), "tile"),
-    (lambda: fp8.quantize_blockwise(torch.randn(4, 8), (0, 4)), "block"),
-    (lambda: fp8.quantize_blockwise(torch.randn(4, 8, 2), 2), "2-D"),
-    (lambda: fp8.quantize_blocks(torch.arange(8).view(2, 4), 2), "float"),
-    (lambda: fp8.quantize_per_tensor(torch.randn(3), torch.float16), "float8"),
-    (lambda: fp8.fp8_format(torch.bfloat16), "float8"),
-    (lambda: fp8.dequantize_blocks(*fp8.quantize_blocks(torch.randn(8, 8), 4)[:1],
-                                   torch.ones(3, 3), 4), "scales"),
-    (lambda: fp8.quantize_dequantize(torch.randn(4, 4), "row"), "scheme"),
-    (lambda: FP8Linear(8, 8, backend="fast"), "backend"),
-    (lambda: FP8Linear(8, 8, tile=8, backend="scaled_mm"), "multiple of 16"),
-    (lambda: FP8Linear(8, 4)(torch.randn(2, 5)), r"\(\.\.\., 8\)"),
-    (lambda: convert_linears_to_fp8(_decoder(), skip="lm_head"), "tuple"),
-    (lambda: convert_linears_to_fp8(_decoder(), skip=("lm_haed",)), "matches no"),
-    (lambda: convert_linears_to_fp8(nn.Linear(4, 4)), "from_linear"),
-    (lambda: fp8.round_to_mantissa_bits(torch.ones(2), 0), "bits"),
-    (lambda: fp8.limited_precision_matmul(torch.ones(2, 3), torch.ones(2, 3), 14, 0),
-     "promote_every"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: fp8.quantize_tiles(torch.randn(4, 8), 0), "tile"),
+        (lambda: fp8.quantize_tiles(torch.randn(4, 8), 2.5), "tile"),
+        (lambda: fp8.quantize_blockwise(torch.randn(4, 8), (0, 4)), "block"),
+        (lambda: fp8.quantize_blockwise(torch.randn(4, 8, 2), 2), "2-D"),
+        (lambda: fp8.quantize_blocks(torch.arange(8).view(2, 4), 2), "float"),
+        (lambda: fp8.quantize_per_tensor(torch.randn(3), torch.float16), "float8"),
+        (lambda: fp8.fp8_format(torch.bfloat16), "float8"),
+        (
+            lambda: fp8.dequantize_blocks(
+                *fp8.quantize_blocks(torch.randn(8, 8), 4)[:1], torch.ones(3, 3), 4
+            ),
+            "scales",
+        ),
+        (lambda: fp8.quantize_dequantize(torch.randn(4, 4), "row"), "scheme"),
+        (lambda: FP8Linear(8, 8, backend="fast"), "backend"),
+        (lambda: FP8Linear(8, 8, tile=8, backend="scaled_mm"), "multiple of 16"),
+        (lambda: FP8Linear(8, 4)(torch.randn(2, 5)), r"\(\.\.\., 8\)"),
+        (lambda: convert_linears_to_fp8(_decoder(), skip="lm_head"), "tuple"),
+        (lambda: convert_linears_to_fp8(_decoder(), skip=("lm_haed",)), "matches no"),
+        (lambda: convert_linears_to_fp8(nn.Linear(4, 4)), "from_linear"),
+        (lambda: fp8.round_to_mantissa_bits(torch.ones(2), 0), "bits"),
+        (
+            lambda: fp8.limited_precision_matmul(torch.ones(2, 3), torch.ones(2, 3), 14, 0),
+            "promote_every",
+        ),
+    ],
+)
 def test_bad_arguments_raise_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()

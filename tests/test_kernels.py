@@ -45,9 +45,14 @@ def _reference(q, k, v, causal):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 4), cols=st.integers(1, 70), block=st.integers(1, 80),
-       spread=st.sampled_from([0.1, 1.0, 30.0]), masked=st.integers(0, 69),
-       seed=st.integers(0, 10_000))
+@given(
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 70),
+    block=st.integers(1, 80),
+    spread=st.sampled_from([0.1, 1.0, 30.0]),
+    masked=st.integers(0, 69),
+    seed=st.integers(0, 10_000),
+)
 def test_online_softmax_equals_softmax(rows, cols, block, spread, masked, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) * spread
@@ -64,12 +69,22 @@ def test_online_softmax_needs_rescaling_when_the_max_rises():
 
 
 @settings(max_examples=60, deadline=None)
-@given(b=st.integers(1, 2), h=st.integers(1, 3), sq=st.integers(1, 70), extra=st.integers(0, 30),
-       d=st.sampled_from([4, 8, 16]), dv=st.sampled_from([4, 8, 12]),
-       block_q=st.integers(1, 40), block_k=st.integers(1, 40), causal=st.booleans(),
-       same_len=st.booleans(), seed=st.integers(0, 10_000))
-def test_tiled_attention_equals_sdpa(b, h, sq, extra, d, dv, block_q, block_k, causal, same_len,
-                                     seed):
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    sq=st.integers(1, 70),
+    extra=st.integers(0, 30),
+    d=st.sampled_from([4, 8, 16]),
+    dv=st.sampled_from([4, 8, 12]),
+    block_q=st.integers(1, 40),
+    block_k=st.integers(1, 40),
+    causal=st.booleans(),
+    same_len=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_tiled_attention_equals_sdpa(
+    b, h, sq, extra, d, dv, block_q, block_k, causal, same_len, seed
+):
     sk = sq if same_len else sq + extra
     q, k, v = _qkv(b, h, sq, sk, d, dv, seed)
     got = K.tiled_attention(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
@@ -105,8 +120,9 @@ def test_tiled_attention_half_precision_accumulates_in_float32():
 
 def test_naive_attention_is_the_course_attention():
     q, k, v = _qkv(1, 2, 9, 12, 8, 8)
-    assert torch.allclose(K.naive_attention(q, k, v, causal=True), _reference(q, k, v, True),
-                          atol=1e-6)
+    assert torch.allclose(
+        K.naive_attention(q, k, v, causal=True), _reference(q, k, v, True), atol=1e-6
+    )
 
 
 def test_attention_input_errors():
@@ -126,15 +142,22 @@ def test_attention_input_errors():
 # -- memory: counted == measured --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sq, bq, bk, dv, causal", [
-    (300, 32, 48, 16, True), (300, 64, 64, 16, False), (130, 16, 8, 24, True),
-    (40, 64, 64, 16, False)])
+@pytest.mark.parametrize(
+    "sq, bq, bk, dv, causal",
+    [
+        (300, 32, 48, 16, True),
+        (300, 64, 64, 16, False),
+        (130, 16, 8, 24, True),
+        (40, 64, 64, 16, False),
+    ],
+)
 def test_measured_intermediates_match_the_count(sq, bq, bk, dv, causal):
     q, k, v = _qkv(2, 3, sq, sq, 16, dv)
     counted = K.attention_memory(2, 3, sq, sq, 16, dv, block_q=bq, block_k=bk)
     out, naive = K.largest_intermediate_bytes(K.naive_attention, q, k, v, causal=causal)
-    out_t, tiled = K.largest_intermediate_bytes(K.tiled_attention, q, k, v, causal=causal,
-                                                block_q=bq, block_k=bk)
+    out_t, tiled = K.largest_intermediate_bytes(
+        K.tiled_attention, q, k, v, causal=causal, block_q=bq, block_k=bk
+    )
     assert naive == counted.score_matrix_bytes == 2 * 3 * sq * sq * 4
     assert tiled == counted.tile_bytes
     assert torch.allclose(out, out_t, atol=1e-5)
@@ -199,8 +222,14 @@ def test_attention_intensity_by_hand():
 
 
 def _tiny_mla():
-    return MLAConfig(hidden_size=8, num_attention_heads=2, kv_lora_rank=4, qk_nope_head_dim=2,
-                     qk_rope_head_dim=2, v_head_dim=2)
+    return MLAConfig(
+        hidden_size=8,
+        num_attention_heads=2,
+        kv_lora_rank=4,
+        qk_nope_head_dim=2,
+        qk_rope_head_dim=2,
+        v_head_dim=2,
+    )
 
 
 def test_mla_decode_intensity_by_hand():
@@ -244,8 +273,9 @@ def test_moe_fp8_roofline_by_hand():
     assert K.ridge_point(100.0, 10.0) == 10.0
     assert K.attainable_flops(5.0, 100.0, 10.0) == 50.0
     assert K.attainable_flops(20.0, 100.0, 10.0) == 100.0
-    assert np.array_equal(K.attainable_flops(np.array([1.0, 10.0, 30.0]), 100.0, 10.0),
-                          np.array([10.0, 100.0, 100.0]))
+    assert np.array_equal(
+        K.attainable_flops(np.array([1.0, 10.0, 30.0]), 100.0, 10.0), np.array([10.0, 100.0, 100.0])
+    )
     with pytest.raises(ValueError, match="bandwidth"):
         K.ridge_point(1.0, 0.0)
     op = K.Intensity("toy", flops=1000, bytes=50)  # 20 FLOPs/byte
@@ -305,14 +335,17 @@ def test_triton_unavailable_on_cpu_says_why(monkeypatch):
 
 def test_module_imports_without_triton():
     # A None entry in sys.modules makes `import triton` fail as if it were not installed.
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "from course_utils import kernels\n"
-            "a = kernels.triton_available('cpu')\n"
-            "assert not a and 'cannot be imported' in a.reason, a\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from course_utils import kernels\n"
+        "a = kernels.triton_available('cpu')\n"
+        "assert not a and 'cannot be imported' in a.reason, a\n"
+        "print('ok')"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
 
 
@@ -337,8 +370,10 @@ def _check_rmsnorm_triton(device):
         assert torch.allclose(got, want, rtol=tol, atol=1e-6), (shape, dtype)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="CUDA only: Triton compiles kernels for NVIDIA GPUs and torch sees none")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CUDA only: Triton compiles kernels for NVIDIA GPUs and torch sees none",
+)
 def test_rmsnorm_triton_matches_course_rmsnorm_on_cuda():
     avail = K.triton_available("cuda")
     if not avail:
@@ -351,8 +386,10 @@ def test_rmsnorm_triton_matches_course_rmsnorm_on_cuda():
         K.rmsnorm_triton(x, torch.ones(63, device="cuda"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="CUDA only: torch.cuda.max_memory_allocated needs a CUDA device")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="CUDA only: torch.cuda.max_memory_allocated needs a CUDA device",
+)
 def test_cuda_peak_memory_tiled_below_naive():
     q, k, v = (t.cuda() for t in _qkv(1, 4, 2048, 2048, 64, 64))
     _, naive = K.cuda_peak_memory_bytes(K.naive_attention, q, k, v, causal=True)
@@ -368,16 +405,24 @@ def test_rmsnorm_triton_in_the_interpreter():
     try:
         import triton  # noqa: F401
     except Exception as err:
-        pytest.skip(f"triton is not installed here ({type(err).__name__}), so its CPU "
-                    "interpreter cannot run; the CUDA test covers the kernel on a GPU")
-    code = ("import torch\n"
-            "from tests.test_kernels import _check_rmsnorm_triton\n"
-            "_check_rmsnorm_triton(torch.device('cpu'))\n"
-            "print('ok')")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path),
-           "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+        pytest.skip(
+            f"triton is not installed here ({type(err).__name__}), so its CPU "
+            "interpreter cannot run; the CUDA test covers the kernel on a GPU"
+        )
+    code = (
+        "import torch\n"
+        "from tests.test_kernels import _check_rmsnorm_triton\n"
+        "_check_rmsnorm_triton(torch.device('cpu'))\n"
+        "print('ok')"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path),
+        "TRITON_INTERPRET": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
 
 
@@ -392,8 +437,9 @@ def test_torch_compile_failure_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     avail = K.torch_compile_available("cpu")
     assert not avail
-    assert "RuntimeError: no C++ compiler found" in avail.reason and "more detail" not in \
-        avail.reason
+    assert (
+        "RuntimeError: no C++ compiler found" in avail.reason and "more detail" not in avail.reason
+    )
     assert str(avail).startswith("unavailable: ")
 
 

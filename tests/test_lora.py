@@ -12,8 +12,15 @@ from course_utils.moe import DeepSeekMoE, MoEConfig
 
 def _decoder(seed=0):
     torch.manual_seed(seed)
-    return TinyDecoder(DecoderConfig(16, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, max_position_embeddings=32))
+    return TinyDecoder(
+        DecoderConfig(
+            16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def _randomize_adapters(model):
@@ -44,8 +51,12 @@ def test_apply_lora_trains_only_adapters_and_starts_unchanged():
     x = torch.randint(0, 16, (2, 10))
     before = model(x)
     names = lora.apply_lora(model, ("q_proj", "v_proj"), r=4, alpha=8)
-    assert names == ["layers.0.self_attn.q_proj", "layers.0.self_attn.v_proj",
-                     "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"]
+    assert names == [
+        "layers.0.self_attn.q_proj",
+        "layers.0.self_attn.v_proj",
+        "layers.1.self_attn.q_proj",
+        "layers.1.self_attn.v_proj",
+    ]
     assert torch.equal(model(x), before)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{m}" for n in names for m in "AB"}
@@ -77,15 +88,29 @@ def test_merged_forward_equals_adapter_forward_and_restores_plain_linears():
 
 def test_targets_reach_mla_projections_and_routed_experts_only():
     torch.manual_seed(0)
-    cfg = MLAConfig(hidden_size=32, num_attention_heads=2, kv_lora_rank=8, qk_nope_head_dim=8,
-                    qk_rope_head_dim=4, v_head_dim=8, q_lora_rank=12)
-    block = nn.ModuleDict({
-        "self_attn": MultiHeadLatentAttention(cfg),
-        "mlp": DeepSeekMoE(MoEConfig(hidden_size=32, moe_intermediate_size=16,
-                                     n_routed_experts=4, num_experts_per_tok=2)),
-    })
-    names = lora.apply_lora(block, ["q_b_proj", "kv_b_proj", "o_proj", "*.experts.*_proj"],
-                            r=2)
+    cfg = MLAConfig(
+        hidden_size=32,
+        num_attention_heads=2,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        q_lora_rank=12,
+    )
+    block = nn.ModuleDict(
+        {
+            "self_attn": MultiHeadLatentAttention(cfg),
+            "mlp": DeepSeekMoE(
+                MoEConfig(
+                    hidden_size=32,
+                    moe_intermediate_size=16,
+                    n_routed_experts=4,
+                    num_experts_per_tok=2,
+                )
+            ),
+        }
+    )
+    names = lora.apply_lora(block, ["q_b_proj", "kv_b_proj", "o_proj", "*.experts.*_proj"], r=2)
     assert "self_attn.q_b_proj" in names and "self_attn.kv_b_proj" in names
     assert "mlp.experts.3.down_proj" in names and len(names) == 3 + 4 * 3
     assert not any("shared_experts" in n for n in names)  # the glob chose routed experts only
@@ -118,7 +143,9 @@ def test_applying_twice_does_not_wrap_the_frozen_base():
     with pytest.raises(ValueError, match="no nn.Linear"):
         lora.apply_lora(model, "o_proj.base", r=2)
     assert lora.apply_lora(model, "q_proj", r=2, freeze_rest=False) == [
-        "layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+        "layers.0.self_attn.q_proj",
+        "layers.1.self_attn.q_proj",
+    ]
 
 
 def _mini_deepseek():
@@ -126,17 +153,30 @@ def _mini_deepseek():
     from course_utils.model import DeepSeekForCausalLM
 
     torch.manual_seed(0)
-    return DeepSeekForCausalLM(DeepSeekConfig(
-        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        n_routed_experts=4, moe_intermediate_size=16, intermediate_size=32,
-        max_position_embeddings=64))
+    return DeepSeekForCausalLM(
+        DeepSeekConfig(
+            vocab_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=4,
+            moe_intermediate_size=16,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def test_lora_on_the_mini_deepseek_attention_and_experts_merges_exactly():
     model = _mini_deepseek()
-    names = lora.apply_lora(model, ["q_b_proj", "kv_b_proj", "o_proj", "*.experts.*_proj"], r=2,
-                            alpha=4)
+    names = lora.apply_lora(
+        model, ["q_b_proj", "kv_b_proj", "o_proj", "*.experts.*_proj"], r=2, alpha=4
+    )
     assert len(names) == 2 * 3 + 4 * 3  # 3 attention projections a layer, 4 routed experts
     assert not any(".mlp.gate_proj" in n or "shared_experts" in n for n in names)
     _randomize_adapters(model)
@@ -154,6 +194,7 @@ def test_lora_on_the_mini_deepseek_attention_and_experts_merges_exactly():
 
 # -- parity with PEFT (test-only dependency), on the same weights -----------------------------
 
+
 def test_lora_equals_peft_on_the_same_weights():
     from peft import LoraConfig, get_peft_model
 
@@ -161,12 +202,15 @@ def test_lora_equals_peft_on_the_same_weights():
     targets = ["q_proj", "v_proj", "down_proj"]
     ours = _decoder(seed=3)
     lora.apply_lora(ours, targets, r=4, alpha=8)
-    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                             target_modules=targets))
+    theirs = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    )
     _randomize_adapters(ours)  # B = 0 at the start would hide the scaling; make it count
-    peft_layers = {name.removeprefix("base_model.model."): m
-                   for name, m in theirs.named_modules() if hasattr(m, "lora_A")
-                   and "default" in getattr(m, "lora_A", {})}
+    peft_layers = {
+        name.removeprefix("base_model.model."): m
+        for name, m in theirs.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+    }
     ours_layers = {n: m for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)}
     assert sorted(peft_layers) == sorted(ours_layers)  # the same layers were chosen
     with torch.no_grad():

@@ -18,10 +18,25 @@ from course_utils.mla import (
     rope_rows_to_half_split,
 )
 
-TINY = dict(hidden_size=32, num_attention_heads=4, kv_lora_rank=8, qk_nope_head_dim=6,
-            qk_rope_head_dim=4, v_head_dim=5, max_position_embeddings=64, rope_theta=10000.0)
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.6}
+TINY = dict(
+    hidden_size=32,
+    num_attention_heads=4,
+    kv_lora_rank=8,
+    qk_nope_head_dim=6,
+    qk_rope_head_dim=4,
+    v_head_dim=5,
+    max_position_embeddings=64,
+    rope_theta=10000.0,
+)
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.8,
+    "mscale_all_dim": 0.6,
+}
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -47,6 +62,7 @@ def _hf_pair(version: str, q_lora_rank: int | None, yarn: bool, interleave: bool
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
             DeepseekV3RotaryEmbedding as Rope,
         )
+
         cfg = DeepseekV3Config(**kw, rope_interleave=interleave)
     else:
         from transformers import DeepseekV2Config
@@ -56,6 +72,7 @@ def _hf_pair(version: str, q_lora_rank: int | None, yarn: bool, interleave: bool
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
             DeepseekV2RotaryEmbedding as Rope,
         )
+
         cfg = DeepseekV2Config(**kw)
     cfg._attn_implementation = "eager"
     hf, rope = Attn(cfg, 0).eval(), Rope(cfg)
@@ -78,13 +95,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-CASES = [("v3", 16, False, True), ("v3", None, True, True), ("v3", 16, True, False),
-         ("v2", 16, False, True), ("v2", None, True, True)]
+CASES = [
+    ("v3", 16, False, True),
+    ("v3", None, True, True),
+    ("v3", 16, True, False),
+    ("v2", 16, False, True),
+    ("v2", None, True, True),
+]
 
 
 @pytest.mark.parametrize("version,q_lora_rank,yarn,interleave", CASES)
-def test_matches_transformers_full_prompt_and_cached_decode(version, q_lora_rank, yarn,
-                                                            interleave):
+def test_matches_transformers_full_prompt_and_cached_decode(version, q_lora_rank, yarn, interleave):
     ours, run_hf = _hf_pair(version, q_lora_rank, yarn, interleave)
     assert (ours.config.yarn is not None) == yarn
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
@@ -95,7 +116,7 @@ def test_matches_transformers_full_prompt_and_cached_decode(version, q_lora_rank
         for absorb in (False, True):
             cache = ours.new_cache(2, 9)
             steps = [ours(x[:, :3], cache, absorb=absorb)]  # a prompt, then one token at a time
-            steps += [ours(x[:, t:t + 1], cache, absorb=absorb) for t in range(3, 9)]
+            steps += [ours(x[:, t : t + 1], cache, absorb=absorb) for t in range(3, 9)]
             assert _rel(torch.cat(steps, 1), want) < 1e-5
 
 
@@ -105,7 +126,7 @@ def test_wrong_scale_or_unshared_layout_would_be_caught():
     x = torch.randn(1, 6, 32)
     with torch.no_grad():
         want = run_hf(x)
-        ours.softmax_scale = ours.config.qk_nope_head_dim ** -0.5
+        ours.softmax_scale = ours.config.qk_nope_head_dim**-0.5
         assert _rel(ours(x), want) > 1e-3
 
 
@@ -167,8 +188,10 @@ def test_cache_bytes_per_token(dtype, size):
     measured = sum(c.bytes_per_token for c in caches)
     assert measured == (8 + 4) * size * layers
     assert latent_cache_bytes(layers, 8, 4, bytes_per_element=size) == measured
-    assert latent_cache_bytes(layers, 8, 4, seq_len=10, batch_size=2,
-                              bytes_per_element=size) == measured * 20
+    assert (
+        latent_cache_bytes(layers, 8, 4, seq_len=10, batch_size=2, bytes_per_element=size)
+        == measured * 20
+    )
     kv = KVCache(2, 10, n_kv_heads=4, head_dim=6, dtype=dtype)
     assert kv_cache_bytes(1, 4, 6, bytes_per_element=size) == kv.bytes_per_token == 2 * 4 * 6 * size
     with pytest.raises(ValueError, match="kv_lora_rank"):
@@ -179,7 +202,7 @@ def test_real_config_table():
     v3 = MLAConfig.from_hf({**REAL_CONFIGS["DeepSeek-V3 (671B)"], "n_routed_experts": 256})
     assert (v3.kv_lora_rank + v3.qk_rope_head_dim) == 576
     assert v3.yarn is not None and v3.yarn.factor == 40
-    assert v3.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert v3.softmax_scale == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)
     rows = {(r["model"], r["scheme"]): r for r in cache_size_table()}
     mla = rows[("DeepSeek-V3 (671B)", "MLA")]
     mha = rows[("DeepSeek-V3 (671B)", "MHA")]

@@ -15,11 +15,25 @@ from course_utils import DeepSeekConfig, DeepSeekForCausalLM
 from course_utils.layers import SwiGLU
 from course_utils.moe import DeepSeekMoE, DeepSeekV2Router, DeepSeekV3Router
 
-TINY = dict(vocab_size=24, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
-            num_hidden_layers=3, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8,
-            qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-            max_position_embeddings=64)
+TINY = dict(
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=40,
+    moe_intermediate_size=12,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_nope_head_dim=6,
+    qk_rope_head_dim=4,
+    v_head_dim=5,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+)
 
 
 def _tiny(seed: int = 0, **over) -> DeepSeekForCausalLM:
@@ -44,48 +58,102 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_config_round_trips_through_hf_dict(name):
     c = DeepSeekConfig.preset(name, vocab_size=16)
     assert DeepSeekConfig.from_hf(c.to_hf(), strict=True) == c
-    v2 = DeepSeekConfig(**{**TINY, "model_type": "deepseek_v2", "q_lora_rank": None},
-                        rope_scaling={"type": "yarn", "factor": 4.0,
-                                      "original_max_position_embeddings": 16})
+    v2 = DeepSeekConfig(
+        **{**TINY, "model_type": "deepseek_v2", "q_lora_rank": None},
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    )
     assert v2.topk_method == "group_limited_greedy" and v2.scoring_func == "softmax"
     assert DeepSeekConfig.from_hf(v2.to_hf(), strict=True) == v2
 
 
 @settings(max_examples=25, deadline=None)
-@given(layers=st.integers(1, 4), dense=st.integers(0, 4), v2=st.booleans(), q=st.booleans(),
-       groups=st.sampled_from([1, 2, 4]), tie=st.booleans(), mtp=st.integers(0, 2))
+@given(
+    layers=st.integers(1, 4),
+    dense=st.integers(0, 4),
+    v2=st.booleans(),
+    q=st.booleans(),
+    groups=st.sampled_from([1, 2, 4]),
+    tie=st.booleans(),
+    mtp=st.integers(0, 2),
+)
 def test_config_round_trip_property(layers, dense, v2, q, groups, tie, mtp):
-    c = DeepSeekConfig(**{**TINY, "num_hidden_layers": layers,
-                          "first_k_dense_replace": min(dense, layers), "n_group": groups,
-                          "topk_group": 1 if groups == 1 else 2, "q_lora_rank": 16 if q else None,
-                          "model_type": "deepseek_v2" if v2 else "deepseek_v3",
-                          "tie_word_embeddings": tie, "num_nextn_predict_layers": mtp})
+    c = DeepSeekConfig(
+        **{
+            **TINY,
+            "num_hidden_layers": layers,
+            "first_k_dense_replace": min(dense, layers),
+            "n_group": groups,
+            "topk_group": 1 if groups == 1 else 2,
+            "q_lora_rank": 16 if q else None,
+            "model_type": "deepseek_v2" if v2 else "deepseek_v3",
+            "tie_word_embeddings": tie,
+            "num_nextn_predict_layers": mtp,
+        }
+    )
     assert DeepSeekConfig.from_hf(c.to_hf(), strict=True) == c
 
 
 HUB_V2_LITE = {  # keys and values of deepseek-ai/DeepSeek-V2-Lite's config.json (sizes shrunk)
-    "architectures": ["DeepseekV2ForCausalLM"], "aux_loss_alpha": 0.001, "bos_token_id": 0,
-    "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 1, "hidden_act": "silu",
-    "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64, "kv_lora_rank": 8,
-    "max_position_embeddings": 64, "model_type": "deepseek_v2", "moe_intermediate_size": 8,
-    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 8, "n_shared_experts": 2,
-    "norm_topk_prob": False, "num_attention_heads": 4, "num_experts_per_tok": 3,
-    "num_hidden_layers": 2, "num_key_value_heads": 4, "pretraining_tp": 1, "q_lora_rank": None,
-    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 0.707,
-                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
-                     "type": "yarn"},
-    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
-    "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy",
-    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
-    "v_head_dim": 8, "vocab_size": 40,
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "kv_lora_rank": 8,
+    "max_position_embeddings": 64,
+    "model_type": "deepseek_v2",
+    "moe_intermediate_size": 8,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 8,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 4,
+    "num_experts_per_tok": 3,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 4,
+    "pretraining_tp": 1,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 4,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 16,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1",
+    "use_cache": True,
+    "v_head_dim": 8,
+    "vocab_size": 40,
 }
 
 
 def test_from_hf_reads_a_hub_v2_config_and_transformers_rope_parameters():
     c = DeepSeekConfig.from_hf(HUB_V2_LITE, strict=True)
     assert (c.model_type, c.scoring_func, c.topk_method, c.q_lora_rank) == (
-        "deepseek_v2", "softmax", "greedy", None)
+        "deepseek_v2",
+        "softmax",
+        "greedy",
+        None,
+    )
     assert c.yarn is not None and c.yarn.factor == 4 and c.rope_theta == 10000.0
     # transformers 5 spells RoPE as rope_parameters with theta inside.
     d = dict(HUB_V2_LITE)
@@ -93,8 +161,9 @@ def test_from_hf_reads_a_hub_v2_config_and_transformers_rope_parameters():
     del d["rope_theta"], scaling["type"]
     c2 = DeepSeekConfig.from_hf({**d, "rope_parameters": scaling})
     assert c2.rope_theta == 500.0 and c2.yarn == c.yarn and "rope_theta" not in c2.rope_scaling
-    default = DeepSeekConfig.from_hf({**d, "rope_parameters": {"rope_theta": 7.0e4,
-                                                              "rope_type": "default"}})
+    default = DeepSeekConfig.from_hf(
+        {**d, "rope_parameters": {"rope_theta": 7.0e4, "rope_type": "default"}}
+    )
     assert default.rope_scaling is None and default.rope_theta == 7.0e4
     with pytest.raises(ValueError, match="does not know"):
         DeepSeekConfig.from_hf({**HUB_V2_LITE, "sliding_window": 4}, strict=True)
@@ -104,20 +173,23 @@ def test_from_hf_reads_a_hub_v2_config_and_transformers_rope_parameters():
         DeepSeekConfig.from_hf({**HUB_V2_LITE, "hidden_act": "gelu"})
 
 
-@pytest.mark.parametrize("over,words", [
-    (dict(model_type="llama"), "model_type"),
-    (dict(model_type="deepseek_v2", scoring_func="sigmoid"), "scoring_func"),
-    (dict(topk_method="greedy"), "topk_method"),
-    (dict(first_k_dense_replace=5), "first_k_dense_replace"),
-    (dict(moe_layer_freq=2), "moe_layer_freq"),
-    (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
-    (dict(n_group=3), "n_group"),
-    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
-    (dict(hidden_size=0), "hidden_size"),
-    (dict(eos_token_id=24), "eos_token_id"),
-    (dict(model_type="deepseek_v2", rope_interleave=False), "rope_interleave"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "yarn"),
-])
+@pytest.mark.parametrize(
+    "over,words",
+    [
+        (dict(model_type="llama"), "model_type"),
+        (dict(model_type="deepseek_v2", scoring_func="sigmoid"), "scoring_func"),
+        (dict(topk_method="greedy"), "topk_method"),
+        (dict(first_k_dense_replace=5), "first_k_dense_replace"),
+        (dict(moe_layer_freq=2), "moe_layer_freq"),
+        (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
+        (dict(n_group=3), "n_group"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(eos_token_id=24), "eos_token_id"),
+        (dict(model_type="deepseek_v2", rope_interleave=False), "rope_interleave"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "yarn"),
+    ],
+)
 def test_config_validation_names_the_argument(over, words):
     with pytest.raises(ValueError, match=words):
         DeepSeekConfig(**{**TINY, **over})
@@ -180,7 +252,8 @@ def test_parameter_counts_by_hand():
     total = sum(p.numel() for p in model.parameters())
     assert model.num_parameters() == total
     assert model.num_active_parameters() == total - c.num_moe_layers * per_expert * (
-        c.n_routed_experts - c.num_experts_per_tok)
+        c.n_routed_experts - c.num_experts_per_tok
+    )
     assert model.num_parameters(include_embeddings=False) == total - c.vocab_size * c.hidden_size
     tied = DeepSeekForCausalLM(DeepSeekConfig(**{**TINY, "tie_word_embeddings": True}))
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -198,7 +271,7 @@ def test_cached_chunks_equal_the_full_forward_and_absorb_changes_nothing():
             model.absorb = absorb
             caches = model.new_caches(2, 12)
             pieces = [model(ids[:, :4], caches=caches), model(ids[:, 4:7], caches=caches)]
-            pieces += [model(ids[:, t:t + 1], caches=caches) for t in range(7, 10)]
+            pieces += [model(ids[:, t : t + 1], caches=caches) for t in range(7, 10)]
             assert _rel(torch.cat(pieces, 1), full) < 1e-5
             assert caches[0].length == 10
         model.absorb = False
@@ -234,8 +307,15 @@ def test_generate_greedy_with_and_without_cache_and_sampling():
     assert torch.equal(logits[:, 4:].argmax(-1), cached[:, 5:])
 
     def sample(seed):
-        return model.generate(prompt, 8, temperature=0.8, top_k=5, top_p=0.9,
-                              generator=torch.Generator().manual_seed(seed))
+        return model.generate(
+            prompt,
+            8,
+            temperature=0.8,
+            top_k=5,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     assert torch.equal(sample(4), sample(4)) and not torch.equal(sample(4), sample(5))
     eos = int(cached[0, 5])
     stopped = model.generate(prompt, 12, eos_token_id=eos)
@@ -271,6 +351,7 @@ def test_input_errors():
 
 def test_training_moves_the_v3_bias_only_through_the_balancer():
     from course_utils.moe import AuxLossFreeBalancer
+
     model = _tiny().train()
     balancer = AuxLossFreeBalancer(model, gamma=0.01)
     ids = torch.randint(0, 24, (4, 9))
@@ -279,8 +360,10 @@ def test_training_moves_the_v3_bias_only_through_the_balancer():
     biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
     assert all(m.gate.e_score_correction_bias.grad is None for m in model.moe_layers())
     balancer.step()
-    assert all(not torch.equal(b, m.gate.e_score_correction_bias)
-               for b, m in zip(biases, model.moe_layers(), strict=True))
+    assert all(
+        not torch.equal(b, m.gate.e_score_correction_bias)
+        for b, m in zip(biases, model.moe_layers(), strict=True)
+    )
     assert dataclasses.replace(model.config) == model.config
 
 

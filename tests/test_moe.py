@@ -28,9 +28,19 @@ def _hf_config(version: int, **moe_keys):
         from transformers import DeepseekV3Config as Config
     else:
         from transformers import DeepseekV2Config as Config
-    base = dict(vocab_size=32, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                num_attention_heads=2, kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4,
-                qk_nope_head_dim=4, v_head_dim=4, hidden_act="silu")
+    base = dict(
+        vocab_size=32,
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        kv_lora_rank=8,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=4,
+        hidden_act="silu",
+    )
     return Config(**base, **moe_keys)
 
 
@@ -53,26 +63,79 @@ def _hf_moe(version: int, seed: int, **moe_keys):
 
 
 V3_CASES = [
-    dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
-         routed_scaling_factor=2.5, n_shared_experts=1, moe_intermediate_size=16),
-    dict(n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1, norm_topk_prob=False,
-         routed_scaling_factor=1.0, n_shared_experts=2, moe_intermediate_size=12),
-    dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-         norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1,
-         moe_intermediate_size=8),
-    dict(n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=3,
-         norm_topk_prob=False, routed_scaling_factor=1.5, n_shared_experts=1,
-         moe_intermediate_size=8),
+    dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+    ),
+    dict(
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_shared_experts=2,
+        moe_intermediate_size=12,
+    ),
+    dict(
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        moe_intermediate_size=8,
+    ),
+    dict(
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=3,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.5,
+        n_shared_experts=1,
+        moe_intermediate_size=8,
+    ),
 ]
 
 V2_CASES = [
-    dict(n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy", n_group=None,
-         topk_group=None, routed_scaling_factor=1.0, n_shared_experts=2, moe_intermediate_size=16),
-    dict(n_routed_experts=8, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=2,
-         topk_group=2, routed_scaling_factor=16.0, n_shared_experts=1, moe_intermediate_size=8),
-    dict(n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy",
-         n_group=4, topk_group=2, routed_scaling_factor=1.5, n_shared_experts=1,
-         moe_intermediate_size=8),
+    dict(
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        topk_method="greedy",
+        n_group=None,
+        topk_group=None,
+        routed_scaling_factor=1.0,
+        n_shared_experts=2,
+        moe_intermediate_size=16,
+    ),
+    dict(
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=2,
+        routed_scaling_factor=16.0,
+        n_shared_experts=1,
+        moe_intermediate_size=8,
+    ),
+    dict(
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        n_shared_experts=1,
+        moe_intermediate_size=8,
+    ),
 ]
 
 
@@ -150,53 +213,72 @@ def test_hf_checkpoint_names_match():
 # -- config errors --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad, word", [
-    (dict(n_routed_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
-    (dict(n_routed_experts=6, n_group=4, topk_group=1, num_experts_per_tok=1), "n_group"),
-    (dict(n_routed_experts=8, n_group=2, topk_group=3), "topk_group"),
-    (dict(n_routed_experts=4, n_group=4, topk_group=2, num_experts_per_tok=1), "at least 2"),
-    (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
-    (dict(scoring_func="softmax", topk_method="noaux_tc"), "topk_method"),
-    (dict(scoring_func="relu"), "scoring_func"),
-])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        (dict(n_routed_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(n_routed_experts=6, n_group=4, topk_group=1, num_experts_per_tok=1), "n_group"),
+        (dict(n_routed_experts=8, n_group=2, topk_group=3), "topk_group"),
+        (dict(n_routed_experts=4, n_group=4, topk_group=2, num_experts_per_tok=1), "at least 2"),
+        (dict(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
+        (dict(scoring_func="softmax", topk_method="noaux_tc"), "topk_method"),
+        (dict(scoring_func="relu"), "scoring_func"),
+    ],
+)
 def test_config_errors(bad, word):
     with pytest.raises(ValueError, match=word):
         MoEConfig(**bad)
 
 
 def test_config_from_dict_ignores_unrelated_keys():
-    c = MoEConfig.from_dict({"hidden_size": 16, "n_routed_experts": 4, "num_experts_per_tok": 1,
-                             "vocab_size": 99, "kv_lora_rank": 8, "n_group": None,
-                             "topk_group": None})
+    c = MoEConfig.from_dict(
+        {
+            "hidden_size": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 1,
+            "vocab_size": 99,
+            "kv_lora_rank": 8,
+            "n_group": None,
+            "topk_group": None,
+        }
+    )
     assert (c.hidden_size, c.n_group, c.topk_group) == (16, 1, 1)
-    v2 = MoEConfig.from_dict({"topk_method": "group_limited_greedy", "n_group": 2,
-                              "topk_group": 1})
+    v2 = MoEConfig.from_dict({"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1})
     assert v2.scoring_func == "softmax"
 
 
 def test_v2_norm_topk_prob_renormalises():
-    c = MoEConfig(hidden_size=8, n_routed_experts=6, num_experts_per_tok=2,
-                  scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
-                  routed_scaling_factor=2.0)
+    c = MoEConfig(
+        hidden_size=8,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.0,
+    )
     r = DeepSeekV2Router(c)(torch.randn(10, 8))
     torch.testing.assert_close(r.weights.sum(-1), torch.full((10,), 2.0))
 
 
 # -- properties -----------------------------------------------------------------------------
 
-_group_layouts = st.sampled_from([(8, 1, 1), (8, 2, 1), (8, 4, 2), (12, 3, 2), (16, 4, 3),
-                                  (16, 8, 4)])
+_group_layouts = st.sampled_from(
+    [(8, 1, 1), (8, 2, 1), (8, 4, 2), (12, 3, 2), (16, 4, 3), (16, 8, 4)]
+)
 
 
 @settings(max_examples=25, deadline=None)
-@given(layout=_group_layouts, k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 10_000),
-       v3=st.booleans())
+@given(
+    layout=_group_layouts, k_frac=st.floats(0.0, 1.0), seed=st.integers(0, 10_000), v3=st.booleans()
+)
 def test_exactly_k_experts_inside_chosen_groups(layout, k_frac, seed, v3):
     e, g, tg = layout
     per = e // g
     k = 1 + int(k_frac * (tg * per - 1))
-    common = dict(hidden_size=8, n_routed_experts=e, num_experts_per_tok=k, n_group=g,
-                  topk_group=tg)
+    common = dict(
+        hidden_size=8, n_routed_experts=e, num_experts_per_tok=k, n_group=g, topk_group=tg
+    )
     torch.manual_seed(seed)
     if v3:
         router = DeepSeekV3Router(MoEConfig(**common))
@@ -206,9 +288,9 @@ def test_exactly_k_experts_inside_chosen_groups(layout, k_frac, seed, v3):
         router = DeepSeekV2Router(MoEConfig(**common, scoring_func="softmax", topk_method=method))
     r = router(torch.randn(32, 8))
     assert r.indices.shape == (32, k)
-    assert all(len(set(row.tolist())) == k for row in r.indices)      # k distinct experts
-    groups_used = (r.indices // per)
-    assert all(len(set(row.tolist())) <= tg for row in groups_used)   # only topk_group groups
+    assert all(len(set(row.tolist())) == k for row in r.indices)  # k distinct experts
+    groups_used = r.indices // per
+    assert all(len(set(row.tolist())) <= tg for row in groups_used)  # only topk_group groups
     if g > 1:  # and those are the groups with the best group scores
         s = r.scores if not v3 else r.scores + router.e_score_correction_bias
         grouped = s.view(32, g, per)
@@ -222,8 +304,15 @@ def test_exactly_k_experts_inside_chosen_groups(layout, k_frac, seed, v3):
 @given(seed=st.integers(0, 10_000), norm=st.booleans(), scale=st.floats(0.5, 3.0))
 def test_bias_changes_choice_not_weights(seed, norm, scale):
     torch.manual_seed(seed)
-    c = MoEConfig(hidden_size=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                  topk_group=2, norm_topk_prob=norm, routed_scaling_factor=scale)
+    c = MoEConfig(
+        hidden_size=8,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=2,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scale,
+    )
     router = DeepSeekV3Router(c)
     x = torch.randn(64, 8)
     before = router(x)
@@ -240,12 +329,22 @@ def test_bias_changes_choice_not_weights(seed, norm, scale):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), e=st.sampled_from([4, 8]), k=st.integers(1, 3),
-       tokens=st.integers(1, 12), shared=st.integers(0, 2))
+@given(
+    seed=st.integers(0, 10_000),
+    e=st.sampled_from([4, 8]),
+    k=st.integers(1, 3),
+    tokens=st.integers(1, 12),
+    shared=st.integers(0, 2),
+)
 def test_vectorized_dispatch_equals_reference(seed, e, k, tokens, shared):
     torch.manual_seed(seed)
-    c = MoEConfig(hidden_size=8, moe_intermediate_size=6, n_routed_experts=e,
-                  num_experts_per_tok=k, n_shared_experts=shared)
+    c = MoEConfig(
+        hidden_size=8,
+        moe_intermediate_size=6,
+        n_routed_experts=e,
+        num_experts_per_tok=k,
+        n_shared_experts=shared,
+    )
     layer = DeepSeekMoE(c)
     x = torch.randn(1, tokens, 8)
     fast = layer(x)
@@ -273,8 +372,7 @@ def test_vectorized_dispatch_gradients_match_reference():
 def test_bias_update_moves_load_toward_uniform():
     """A skewed token stream: the router favours experts 0-1; the bias rule must even it out."""
     torch.manual_seed(0)
-    c = MoEConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2,
-                  bias_update_speed=0.01)
+    c = MoEConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, bias_update_speed=0.01)
     layer = DeepSeekMoE(c).train()
     d = torch.randn(16)
     d = d / d.norm()
@@ -322,17 +420,21 @@ def test_balance_losses_on_known_loads():
     assert moe.switch_aux_loss(uniform_scores, uniform_idx).item() == pytest.approx(1.0)
     collapsed = torch.zeros(8, 1, dtype=torch.long)
     # everyone picks expert 0 with probability 1: f_0 = E, P_0 = 1 -> loss E
-    assert moe.expert_balance_loss(_onehot_scores(collapsed, e), collapsed).item() == \
-        pytest.approx(e)
+    assert moe.expert_balance_loss(_onehot_scores(collapsed, e), collapsed).item() == pytest.approx(
+        e
+    )
     # two devices of two experts: all load on device 0 -> f'_0 = 2 (mean of 4, 0), P'_0 = 1
-    assert moe.device_balance_loss(_onehot_scores(collapsed, e), collapsed, 2).item() == \
-        pytest.approx(2.0)
+    assert moe.device_balance_loss(
+        _onehot_scores(collapsed, e), collapsed, 2
+    ).item() == pytest.approx(2.0)
     assert moe.device_balance_loss(uniform_scores, uniform_idx, 2).item() == pytest.approx(1.0)
     # communication: every token goes to device 0 -> f''_0 = D/M = 2, P''_0 = 1
-    assert moe.communication_balance_loss(_onehot_scores(collapsed, e), collapsed, 2, 1).item() \
-        == pytest.approx(2.0)
-    assert moe.communication_balance_loss(uniform_scores, uniform_idx, 2, 1).item() == \
-        pytest.approx(1.0)
+    assert moe.communication_balance_loss(
+        _onehot_scores(collapsed, e), collapsed, 2, 1
+    ).item() == pytest.approx(2.0)
+    assert moe.communication_balance_loss(
+        uniform_scores, uniform_idx, 2, 1
+    ).item() == pytest.approx(1.0)
 
 
 def test_sequence_loss_sees_per_sequence_imbalance():
@@ -371,8 +473,13 @@ def test_topk_router_noise_only_in_training():
 
 
 def test_total_and_active_parameters():
-    c = MoEConfig(hidden_size=10, moe_intermediate_size=4, n_routed_experts=8,
-                  num_experts_per_tok=2, n_shared_experts=1)
+    c = MoEConfig(
+        hidden_size=10,
+        moe_intermediate_size=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+    )
     layer = DeepSeekMoE(c)
     total, active = moe.total_and_active_parameters(layer)
     assert total == sum(p.numel() for p in layer.parameters())
@@ -405,14 +512,22 @@ class _CausalMeanLM(torch.nn.Module):
 def test_balancing_study_runs_every_arm_at_equal_budget():
     from course_utils import moe_training as mt
 
-    cfg = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4,
-                    num_experts_per_tok=2)
-    runs = mt.run_balancing_study(lambda v: _CausalMeanLM(v, cfg), steps=25, batch_size=8,
-                                  aux_alphas=(0.01, 1.0), n_train_lines=300, n_eval_problems=8,
-                                  lr=1e-2, gamma=0.01, progress=False)
+    cfg = MoEConfig(
+        hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2
+    )
+    runs = mt.run_balancing_study(
+        lambda v: _CausalMeanLM(v, cfg),
+        steps=25,
+        batch_size=8,
+        aux_alphas=(0.01, 1.0),
+        n_train_lines=300,
+        n_eval_problems=8,
+        lr=1e-2,
+        gamma=0.01,
+        progress=False,
+    )
     assert list(runs) == ["none", "switch α=0.01", "switch α=1", "bias", "bias+seq"]
-    assert [(r.method, r.alpha) for r in runs.values()][1:3] == [("switch", 0.01),
-                                                                ("switch", 1.0)]
+    assert [(r.method, r.alpha) for r in runs.values()][1:3] == [("switch", 0.01), ("switch", 1.0)]
     for name, run in runs.items():
         assert run.loads.shape == (25, 1, 4)
         torch.testing.assert_close(run.loads.sum(-1), torch.ones(25, 1))
@@ -441,8 +556,14 @@ def test_summary_over_seeds_gives_each_figure_its_spread():
     from course_utils import moe_training as mt
 
     def run(seed, acc):
-        r = mt.BalancingRun("bias", seed=seed, losses=[1.0, 0.5], eval_loss=0.4 + seed,
-                            accuracy=acc, loads=torch.full((2, 1, 4), 0.25))
+        r = mt.BalancingRun(
+            "bias",
+            seed=seed,
+            losses=[1.0, 0.5],
+            eval_loss=0.4 + seed,
+            accuracy=acc,
+            loads=torch.full((2, 1, 4), 0.25),
+        )
         return {"bias": r}
 
     table = mt.summarize_over_seeds({0: run(0, 0.5), 1: run(1, 0.7), 2: run(2, 0.9)}, last=2)
@@ -486,7 +607,7 @@ def test_greedy_accuracy_of_a_model_that_only_stops_is_zero():
             for b, row in enumerate(ids.tolist()):
                 text = tok.decode(row)
                 prompt = text[: text.index("=") + 1]
-                written = text[len(prompt):]
+                written = text[len(prompt) :]
                 nxt = self.answers[prompt][len(written)]
                 logits[b, -1, tok.encode(nxt)[0]] = 1.0
             return logits
@@ -517,8 +638,15 @@ def test_deepcopy_after_training_forward():
     not carry the routing of that forward, whose tensors are still part of the autograd graph."""
     import copy
 
-    layer = DeepSeekMoE(MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4,
-                                  num_experts_per_tok=2, n_shared_experts=1))
+    layer = DeepSeekMoE(
+        MoEConfig(
+            hidden_size=8,
+            moe_intermediate_size=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+        )
+    )
     layer.train()
     out = layer(torch.randn(2, 3, 8))
     assert layer.last_routing is not None and layer.last_routing.scores.requires_grad
@@ -531,6 +659,7 @@ def test_deepcopy_after_training_forward():
 
 
 # -- keep routing (DeepSeek-V3.2) -----------------------------------------------------------
+
 
 def _tiny_moe_model(seed: int = 0):
     return tiny_moe_deepseek(seed, num_hidden_layers=3, first_k_dense_replace=1).eval()
@@ -548,8 +677,14 @@ def test_replayed_routing_equals_forcing_experts_by_hand(scoring_func):
     """Under replay_routing the layer uses the recorded experts, weighted by the router's
     *current* scores of them: equal to the per-token reference dispatch with those choices."""
     extra = {} if scoring_func == "sigmoid" else {"topk_method": "greedy"}
-    c = MoEConfig(hidden_size=8, moe_intermediate_size=6, n_routed_experts=6,
-                  num_experts_per_tok=2, scoring_func=scoring_func, **extra)
+    c = MoEConfig(
+        hidden_size=8,
+        moe_intermediate_size=6,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        scoring_func=scoring_func,
+        **extra,
+    )
     torch.manual_seed(0)
     layer = DeepSeekMoE(c).eval()
     x = torch.randn(2, 5, 8)

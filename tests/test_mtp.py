@@ -13,11 +13,26 @@ from course_utils.cache import KVCache
 from course_utils.mtp import mtp_forward, mtp_loss_fn, mtp_parameter_count, speculative_generate
 from course_utils.train import language_model_loss, train_language_model
 
-TINY = dict(vocab_size=24, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
-            num_hidden_layers=2, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=8,
-            qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=4,
-            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-            max_position_embeddings=64, num_nextn_predict_layers=1)
+TINY = dict(
+    vocab_size=24,
+    hidden_size=32,
+    intermediate_size=40,
+    moe_intermediate_size=12,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=8,
+    qk_nope_head_dim=6,
+    qk_rope_head_dim=4,
+    v_head_dim=5,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+    num_nextn_predict_layers=1,
+)
 
 
 def _model(seed: int = 0, **over) -> DeepSeekForCausalLM:
@@ -32,8 +47,9 @@ def _model(seed: int = 0, **over) -> DeepSeekForCausalLM:
 
 
 def _batch(seed: int, t: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    seq = torch.randint(0, TINY["vocab_size"], (2, t + 1), generator=torch.Generator()
-                        .manual_seed(seed))
+    seq = torch.randint(
+        0, TINY["vocab_size"], (2, t + 1), generator=torch.Generator().manual_seed(seed)
+    )
     return seq[:, :-1], seq[:, 1:]
 
 
@@ -80,7 +96,7 @@ def test_concatenation_puts_the_embedding_first():
     weights' order), the depth-1 output no longer depends on the trunk's hidden state."""
     model = _model()
     with torch.no_grad():
-        model.mtp[0].eh_proj.weight[:, TINY["hidden_size"]:] = 0
+        model.mtp[0].eh_proj.weight[:, TINY["hidden_size"] :] = 0
     layer = model.mtp[0]
     e = torch.randn(1, 5, TINY["hidden_size"])
     h1, h2 = torch.randn(2, 1, 5, TINY["hidden_size"])
@@ -94,8 +110,10 @@ def test_loss_is_main_plus_lambda_times_mean_depth_loss():
     record: list[list[float]] = []
     main, total = mtp_loss_fn(0.3, record)(model, x, y)
     out = mtp_forward(model, x, y)
-    depth = [language_model_loss(out.mtp_logits[0], y[:, 1:]),
-             language_model_loss(out.mtp_logits[1], y[:, 2:])]
+    depth = [
+        language_model_loss(out.mtp_logits[0], y[:, 1:]),
+        language_model_loss(out.mtp_logits[1], y[:, 2:]),
+    ]
     torch.testing.assert_close(main, language_model_loss(model(x), y))
     torch.testing.assert_close(total, main + 0.3 * (depth[0] + depth[1]) / 2)
     assert record == [[d.item() for d in depth]]
@@ -109,8 +127,9 @@ def test_training_with_the_mtp_loss_updates_the_mtp_module():
     model = _model().train()
     before = model.mtp[0].eh_proj.weight.detach().clone()
     x, y = _batch(3)
-    result = train_language_model(model, lambda: (x, y), steps=3, lr=1e-2, progress=False,
-                                  compute_loss=mtp_loss_fn(0.3))
+    result = train_language_model(
+        model, lambda: (x, y), steps=3, lr=1e-2, progress=False, compute_loss=mtp_loss_fn(0.3)
+    )
     assert len(result.losses) == 3
     assert not torch.equal(before, model.mtp[0].eh_proj.weight)
 
@@ -118,8 +137,9 @@ def test_training_with_the_mtp_loss_updates_the_mtp_module():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_speculative_decoding_reproduces_greedy(seed):
     model = _model(seed)
-    prompt = torch.randint(0, TINY["vocab_size"], (1, 5), generator=torch.Generator()
-                           .manual_seed(seed))
+    prompt = torch.randint(
+        0, TINY["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(seed)
+    )
     want = model.generate(prompt, 20)
     got, stats = speculative_generate(model, prompt, 20)
     assert torch.equal(got, want)
@@ -130,8 +150,9 @@ def test_speculative_decoding_reproduces_greedy(seed):
 
 def test_speculative_decoding_stops_at_the_end_token():
     model = _model(4)
-    prompt = torch.randint(0, TINY["vocab_size"], (1, 4), generator=torch.Generator()
-                           .manual_seed(4))
+    prompt = torch.randint(
+        0, TINY["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(4)
+    )
     greedy = model.generate(prompt, 15)[0, 4:].tolist()
     eos = greedy[5]
     cut = greedy.index(eos) + 1
@@ -183,8 +204,10 @@ def test_masked_targets_are_ignored_not_embedded():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     _, total = mtp_loss_fn(0.3)(model, x, masked)
     main = language_model_loss(out.logits, masked)
-    depth = [language_model_loss(logits, masked[:, k:])
-             for k, logits in enumerate(out.mtp_logits, start=1)]
+    depth = [
+        language_model_loss(logits, masked[:, k:])
+        for k, logits in enumerate(out.mtp_logits, start=1)
+    ]
     torch.testing.assert_close(total, main + 0.3 * sum(depth) / 2)
     assert torch.isfinite(total)
 

@@ -28,6 +28,7 @@ def test_unigram_and_bad_arguments():
 # Each checker: right for the right answer, wrong (with a reason) for a typical mistake,
 # "not attempted" for None, and never raises on a crashing answer.
 
+
 def _top_p_without_the_crossing_token(logits, p):
     # the usual mistake: stop before the token whose probability takes the mass past p
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -40,16 +41,35 @@ def _crash(*args):
     raise RuntimeError("oops")
 
 
-@pytest.mark.parametrize("checker, right, wrong, reason", [
-    (ex.check_next_token_distribution, lambda c: c / c.sum(), lambda c: torch.softmax(c, -1),
-     "softmax"),
-    (ex.check_softmax_with_temperature, lambda z, t: torch.softmax(z / t, -1),
-     lambda z, t: torch.softmax(z * t, -1), "multiplied"),
-    (ex.check_top_k_filter, sampling.top_k_filter,
-     lambda z, k: sampling.top_k_filter(z, max(1, k - 1)), "different set"),
-    (ex.check_top_p_filter, sampling.top_p_filter,
-     lambda z, p: _top_p_without_the_crossing_token(z, p), "keep the token that crosses"),
-])
+@pytest.mark.parametrize(
+    "checker, right, wrong, reason",
+    [
+        (
+            ex.check_next_token_distribution,
+            lambda c: c / c.sum(),
+            lambda c: torch.softmax(c, -1),
+            "softmax",
+        ),
+        (
+            ex.check_softmax_with_temperature,
+            lambda z, t: torch.softmax(z / t, -1),
+            lambda z, t: torch.softmax(z * t, -1),
+            "multiplied",
+        ),
+        (
+            ex.check_top_k_filter,
+            sampling.top_k_filter,
+            lambda z, k: sampling.top_k_filter(z, max(1, k - 1)),
+            "different set",
+        ),
+        (
+            ex.check_top_p_filter,
+            sampling.top_p_filter,
+            lambda z, p: _top_p_without_the_crossing_token(z, p),
+            "keep the token that crosses",
+        ),
+    ],
+)
 def test_function_checkers(checker, right, wrong, reason):
     assert checker(right)
     verdict = checker(wrong)

@@ -88,8 +88,9 @@ def test_import_from_another_notebook_is_caught(tmp_path: Path):
 def test_unexecuted_and_error_outputs_are_caught(good: Path, tmp_path: Path):
     nb = nbformat.read(good, as_version=4)
     last = nb.cells[-1]
-    last.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="boom",
-                                           traceback=[])]
+    last.outputs = [
+        nbformat.v4.new_output("error", ename="ValueError", evalue="boom", traceback=[])
+    ]
     nb.cells[-2].execution_count = 7  # run out of order
     bad = tmp_path / good.name
     nbformat.write(nb, bad)
@@ -144,8 +145,13 @@ def test_a_harness_fault_is_not_reported_as_a_notebook_failure(good: Path, tmp_p
 def test_make_execute_refuses_a_pattern_that_matches_nothing(tmp_path: Path):
     timings = ROOT / "notebooks" / "timings.json"
     before = timings.read_bytes() if timings.exists() else None
-    done = subprocess.run(["make", "-s", "execute", "NB=notebooks/07_kv_cahce*.ipynb"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["make", "-s", "execute", "NB=notebooks/07_kv_cahce*.ipynb"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode != 0
     assert "no such notebook: notebooks/07_kv_cahce*.ipynb" in done.stderr
     assert "nothing was executed" in done.stderr

@@ -57,12 +57,17 @@ _DEVICE_STRING = re.compile(r"^(cuda(:\d+)?|mps)$")
 _ALLOW = re.compile(r"#\s*portability:\s*ok\b(?P<reason>.*)$")
 _MAGIC = re.compile(r"^(\s*)[%!?]")
 # Calls that test where we are, and are safe to call anywhere.
-_SAFE_GUARD_CALLS = {("torch", "cuda", "is_available"), ("torch", "cuda", "device_count"),
-                     ("torch", "backends", "mps", "is_available")}
+_SAFE_GUARD_CALLS = {
+    ("torch", "cuda", "is_available"),
+    ("torch", "cuda", "device_count"),
+    ("torch", "backends", "mps", "is_available"),
+}
 _SAFE_GUARD_FUNCS = {"supports_bf16", "triton_available"}
 # Calls that also test, but need CUDA themselves: guards, yet flagged when unguarded.
-_CUDA_GUARD_CALLS = {("torch", "cuda", "get_device_capability"),
-                     ("torch", "cuda", "is_bf16_supported")}
+_CUDA_GUARD_CALLS = {
+    ("torch", "cuda", "get_device_capability"),
+    ("torch", "cuda", "is_bf16_supported"),
+}
 _CONVERSIONS = {"to", "type", "autocast", "set_default_dtype"}
 
 
@@ -75,8 +80,10 @@ class Violation:
     problem: str
 
     def __str__(self) -> str:
-        return f"{self.notebook}: cell {self.cell}, line {self.line}: {self.problem}\n    " \
-               f"{self.code.strip()}"
+        return (
+            f"{self.notebook}: cell {self.cell}, line {self.line}: {self.problem}\n    "
+            f"{self.code.strip()}"
+        )
 
 
 def _dotted(node: ast.AST) -> tuple[str, ...] | None:
@@ -95,8 +102,11 @@ def _call_name(call: ast.Call) -> tuple[str, ...] | None:
 
 
 def _is_device_string(node: ast.AST) -> bool:
-    return isinstance(node, ast.Constant) and isinstance(node.value, str) and bool(
-        _DEVICE_STRING.match(node.value) or node.value == "cpu")
+    return (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and bool(_DEVICE_STRING.match(node.value) or node.value == "cpu")
+    )
 
 
 class _Scanner:
@@ -115,8 +125,11 @@ class _Scanner:
         for sub in ast.walk(node):
             if isinstance(sub, ast.Call):
                 name = _call_name(sub)
-                if name and (name in _SAFE_GUARD_CALLS or name in _CUDA_GUARD_CALLS
-                             or name[-1] in _SAFE_GUARD_FUNCS):
+                if name and (
+                    name in _SAFE_GUARD_CALLS
+                    or name in _CUDA_GUARD_CALLS
+                    or name[-1] in _SAFE_GUARD_FUNCS
+                ):
                     return True
             elif isinstance(sub, ast.Compare):
                 if any(_is_device_string(x) for x in ast.walk(sub)):
@@ -161,21 +174,31 @@ class _Scanner:
     def scan_cell(self, index: int, source: str) -> None:
         lines = source.split("\n")
         # IPython magics and shell escapes are not Python; blank them, keeping line numbers.
-        python = "\n".join(_MAGIC.sub(r"\1pass  # ", ln) if _MAGIC.match(ln) else ln
-                           for ln in lines)
+        python = "\n".join(
+            _MAGIC.sub(r"\1pass  # ", ln) if _MAGIC.match(ln) else ln for ln in lines
+        )
         try:
             tree = ast.parse(python)
         except SyntaxError as err:
-            self.report(index, err.lineno or 1, lines, "the cell is not valid Python, so the "
-                        "portability scan cannot read it")
+            self.report(
+                index,
+                err.lineno or 1,
+                lines,
+                "the cell is not valid Python, so the portability scan cannot read it",
+            )
             return
         allowed: set[int] = set()
         for number, text in enumerate(lines, start=1):
             m = _ALLOW.search(text)
             if m:
                 if len(re.sub(r"^[\s\-:—]+", "", m.group("reason")).strip()) < 3:
-                    self.report(index, number, lines, "'# portability: ok' needs a reason "
-                                "after it: '# portability: ok - why this line is portable'")
+                    self.report(
+                        index,
+                        number,
+                        lines,
+                        "'# portability: ok' needs a reason "
+                        "after it: '# portability: ok - why this line is portable'",
+                    )
                 else:
                     allowed.add(number)
         self.learn_guard_names(tree)  # before the scan: `on_gpu = ...; if on_gpu:` in one cell
@@ -196,28 +219,49 @@ class _Scanner:
     def problem(self, node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
         if isinstance(node, ast.Call):
             name = _call_name(node)
-            if isinstance(node.func, ast.Attribute) and node.func.attr == "cuda" and (
-                    name is None or name[:-1] != ("torch",)):
-                return ".cuda() hard-codes the GPU; use .to(device) with " \
-                       "device = runtime.get_device()"
-            if name and name[:2] == ("torch", "cuda") and len(name) == 3 and (
-                    name not in _SAFE_GUARD_CALLS):
-                return f"{'.'.join(name)}() fails without CUDA; guard it with " \
-                       "`if device.type == \"cuda\":`"
+            if (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr == "cuda"
+                and (name is None or name[:-1] != ("torch",))
+            ):
+                return (
+                    ".cuda() hard-codes the GPU; use .to(device) with device = runtime.get_device()"
+                )
+            if (
+                name
+                and name[:2] == ("torch", "cuda")
+                and len(name) == 3
+                and (name not in _SAFE_GUARD_CALLS)
+            ):
+                return (
+                    f"{'.'.join(name)}() fails without CUDA; guard it with "
+                    '`if device.type == "cuda":`'
+                )
             if name and name[-1] == "_scaled_mm":
-                return "torch._scaled_mm (FP8 matmul) needs compute capability 8.9+; guard it " \
-                       "with a torch.cuda.get_device_capability() check"
-            if name and name[-1] == "bfloat16" and isinstance(node.func, ast.Attribute) and (
-                    name != ("torch", "bfloat16")):
-                return ".bfloat16() converts to a dtype a T4 lacks; guard it with " \
-                       "runtime.supports_bf16(device)"
+                return (
+                    "torch._scaled_mm (FP8 matmul) needs compute capability 8.9+; guard it "
+                    "with a torch.cuda.get_device_capability() check"
+                )
+            if (
+                name
+                and name[-1] == "bfloat16"
+                and isinstance(node.func, ast.Attribute)
+                and (name != ("torch", "bfloat16"))
+            ):
+                return (
+                    ".bfloat16() converts to a dtype a T4 lacks; guard it with "
+                    "runtime.supports_bf16(device)"
+                )
             return None
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return self.string_problem(node, parents)
         if isinstance(node, ast.Attribute) and _dotted(node) == ("torch", "bfloat16"):
             return self.bf16_problem(node, parents)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
-                node.value.id == "torch" and node.attr.startswith("float8")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and (node.value.id == "torch" and node.attr.startswith("float8"))
+        ):
             return self.fp8_problem()
         return None
 
@@ -235,16 +279,20 @@ class _Scanner:
                 return None
             if isinstance(parent, ast.Subscript) and parent.slice is node:
                 return None
-            return f"the device string {value!r} hard-codes a device; use " \
-                   "device = runtime.get_device() (or compare: device.type == ...)"
+            return (
+                f"the device string {value!r} hard-codes a device; use "
+                "device = runtime.get_device() (or compare: device.type == ...)"
+            )
         if value == "cpu":
             if isinstance(parent, ast.keyword) and parent.arg in ("device", "device_type"):
-                return f"{parent.arg}=\"cpu\" pins this to the CPU while the rest of the " \
-                       "notebook uses `device`; pass device=device (or allow-list it)"
+                return (
+                    f'{parent.arg}="cpu" pins this to the CPU while the rest of the '
+                    "notebook uses `device`; pass device=device (or allow-list it)"
+                )
             if isinstance(parent, ast.Call) and parent.args and parent.args[0] is node:
                 name = _call_name(parent)
                 if name and name[-1] in ("device", "get_device"):
-                    return "a literal \"cpu\" device; use runtime.get_device()"
+                    return 'a literal "cpu" device; use runtime.get_device()'
         return None
 
     def bf16_problem(self, node: ast.AST, parents: dict[ast.AST, ast.AST]) -> str | None:
@@ -259,15 +307,19 @@ class _Scanner:
             call = parents.get(parent)
             if isinstance(call, ast.Call) and _creates_cpu_tensor(call):
                 return None
-        return "bfloat16 is not native on a T4; choose the dtype with " \
-               "runtime.supports_bf16(device) (e.g. `torch.bfloat16 if " \
-               "runtime.supports_bf16(device) else torch.float32`)"
+        return (
+            "bfloat16 is not native on a T4; choose the dtype with "
+            "runtime.supports_bf16(device) (e.g. `torch.bfloat16 if "
+            "runtime.supports_bf16(device) else torch.float32`)"
+        )
 
     def fp8_problem(self) -> str | None:
         if self.number in FP8_NOTEBOOKS:
             return None
-        return "float8 dtypes belong to notebooks 20 and 24 (a T4 has no FP8); use them there, " \
-               "or allow-list the line with a reason"
+        return (
+            "float8 dtypes belong to notebooks 20 and 24 (a T4 has no FP8); use them there, "
+            "or allow-list the line with a reason"
+        )
 
     def report(self, cell: int, line: int, lines: list[str], problem: str) -> None:
         code = lines[line - 1] if 0 < line <= len(lines) else ""
@@ -290,8 +342,9 @@ def _creates_cpu_tensor(call: ast.Call) -> bool:
     if name and name[-1] in _CONVERSIONS:
         return False
     for kw in call.keywords:
-        if kw.arg == "device" and not (isinstance(kw.value, ast.Constant)
-                                       and kw.value.value == "cpu"):
+        if kw.arg == "device" and not (
+            isinstance(kw.value, ast.Constant) and kw.value.value == "cpu"
+        ):
             return False
         if kw.arg is None:  # **kwargs might carry a device
             return False
@@ -336,39 +389,38 @@ def _write_notebook(path: Path, cells: list[str]) -> Path:
 
 
 BAD_CELLS = {
-    0: ('model = model.cuda()', ".cuda()"),
+    0: ("model = model.cuda()", ".cuda()"),
     1: ('x = torch.randn(3, device="cuda")', "'cuda'"),
     2: ('x = torch.zeros(4, device="cpu")', 'device="cpu"'),
-    3: ('torch.cuda.synchronize()', "torch.cuda.synchronize() fails without CUDA"),
-    4: ('model = model.to(torch.bfloat16)', "bfloat16 is not native"),
-    5: ('y = x.bfloat16()', ".bfloat16()"),
-    6: ('q = torch.randn(2, device=device, dtype=torch.bfloat16)', "bfloat16 is not native"),
-    7: ('w8 = w.to(torch.float8_e4m3fn)', "float8 dtypes belong"),
+    3: ("torch.cuda.synchronize()", "torch.cuda.synchronize() fails without CUDA"),
+    4: ("model = model.to(torch.bfloat16)", "bfloat16 is not native"),
+    5: ("y = x.bfloat16()", ".bfloat16()"),
+    6: ("q = torch.randn(2, device=device, dtype=torch.bfloat16)", "bfloat16 is not native"),
+    7: ("w8 = w.to(torch.float8_e4m3fn)", "float8 dtypes belong"),
     8: ('device = torch.device("cuda:0")', "'cuda:0'"),
     9: ('dev = runtime.get_device("cpu")', 'literal "cpu"'),
     10: ('x = x.to("cuda")  # portability: ok', "needs a reason"),
-    11: ('if torch.cuda.get_device_capability()[0] >= 8:\n    pass', "get_device_capability"),
-    12: ('out = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb)', "_scaled_mm"),
+    11: ("if torch.cuda.get_device_capability()[0] >= 8:\n    pass", "get_device_capability"),
+    12: ("out = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb)", "_scaled_mm"),
     13: ('with torch.autocast("cuda", dtype=torch.bfloat16):\n    y = f(x)', "'cuda'"),
 }
 
 GOOD_CELLS = [
-    'from course_utils import runtime\ndevice = runtime.get_device()\n'
+    "from course_utils import runtime\ndevice = runtime.get_device()\n"
     'x = torch.randn(3, device=device).cpu()\nplt.plot(x.to("cpu"))',
     'if device.type == "cuda":\n    torch.cuda.synchronize()\n    y = x.cuda()',
     'on_gpu = device.type == "cuda"',
-    'if on_gpu:\n    peak = torch.cuda.max_memory_allocated()',  # a guard name from a cell before
-    'dtype = torch.bfloat16 if runtime.supports_bf16(device) else torch.float32\n'
-    'x = x.to(dtype)',
-    'cache = KVCache(1, 4, 2, 8, dtype=torch.bfloat16)  # a CPU tensor, for its byte count',
-    'assert x.dtype != torch.bfloat16 and torch.finfo(torch.bfloat16).eps > 0',
-    'if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:\n'
-    '    y = x.to(device, torch.bfloat16)',
+    "if on_gpu:\n    peak = torch.cuda.max_memory_allocated()",  # a guard name from a cell before
+    "dtype = torch.bfloat16 if runtime.supports_bf16(device) else torch.float32\nx = x.to(dtype)",
+    "cache = KVCache(1, 4, 2, 8, dtype=torch.bfloat16)  # a CPU tensor, for its byte count",
+    "assert x.dtype != torch.bfloat16 and torch.finfo(torch.bfloat16).eps > 0",
+    "if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:\n"
+    "    y = x.to(device, torch.bfloat16)",
     'state = torch.load(path, map_location="cpu")\ntimings = {"cuda": 1.0, "cpu": 2.0}',
     'x = torch.ones(2, device="cpu")  # portability: ok - the corpus stays on the host',
     '%matplotlib inline\nprint("runs on", device)',
     'g = torch.Generator(device=device).manual_seed(0)\nkind = "cuda" if on_gpu else "cpu"',
-    'if kernels.triton_available():\n    y = kernels.rmsnorm_triton(x.cuda(), w.cuda())',
+    "if kernels.triton_available():\n    y = kernels.rmsnorm_triton(x.cuda(), w.cuda())",
 ]
 
 
@@ -394,13 +446,14 @@ def test_scan_passes_portable_code(tmp_path: Path):
 
 
 def test_float8_only_in_notebooks_20_and_24(tmp_path: Path):
-    src = ['x8 = x.to(torch.float8_e4m3fn)\nprint(torch.finfo(torch.float8_e4m3fn).max)']
-    for name, flagged in (("20_fp8.ipynb", False), ("24_gpu.ipynb", False),
-                          ("19_mtp.ipynb", True)):
+    src = ["x8 = x.to(torch.float8_e4m3fn)\nprint(torch.finfo(torch.float8_e4m3fn).max)"]
+    for name, flagged in (("20_fp8.ipynb", False), ("24_gpu.ipynb", False), ("19_mtp.ipynb", True)):
         violations = scan_notebook(_write_notebook(tmp_path / name, src))
         assert bool(violations) == flagged, (name, [str(v) for v in violations])
-    guarded = ['if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):'
-               '\n    y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb)']
+    guarded = [
+        "if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):"
+        "\n    y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb)"
+    ]
     assert not scan_notebook(_write_notebook(tmp_path / "20_ok.ipynb", guarded))
 
 
@@ -429,10 +482,14 @@ def test_training_notebooks_have_a_gpu_scale():
         if path.name[:2] not in TRAINING_NOTEBOOKS:
             continue
         nb = nbformat.read(path, as_version=4)
-        params = [c.source for c in nb.cells
-                  if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+        params = [
+            c.source
+            for c in nb.cells
+            if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])
+        ]
         if not any(re.search(r"\bgpu=", source) for source in params):
             missing.append(path.name)
-    assert not missing, f"parameters cells without a GPU scale (runtime.scaled(..., gpu=...)): "\
-                        f"{missing}"
+    assert not missing, (
+        f"parameters cells without a GPU scale (runtime.scaled(..., gpu=...)): {missing}"
+    )
     assert {p.name[:2] for p in NOTEBOOKS} >= TRAINING_NOTEBOOKS

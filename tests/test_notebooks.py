@@ -16,9 +16,13 @@ DEFAULT_LIMIT_S = 300
 # without MTP). 21 pretrains the mini-DeepSeek
 # (its budget is ten minutes); 22 and 23 load 21's and 22's checkpoints from artifacts/ when the
 # run has made them, and retrain them (minutes) when they are missing.
-TIME_LIMITS_S: dict[str, int] = {"09_grouped_query_attention": 450,
-                                 "19_multi_token_prediction": 450, "21_mini_deepseek": 600,
-                                 "22_grpo": 900, "23_distillation": 600}
+TIME_LIMITS_S: dict[str, int] = {
+    "09_grouped_query_attention": 450,
+    "19_multi_token_prediction": 450,
+    "21_mini_deepseek": 600,
+    "22_grpo": 900,
+    "23_distillation": 600,
+}
 
 
 def test_there_are_notebooks():

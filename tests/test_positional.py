@@ -59,17 +59,27 @@ def _score(q, k, m, n, interleaved):
     inv = rope_inv_freq(q.shape[-1])
     cq, sq = rope_cos_sin(torch.tensor([m]), inv)
     ck, sk = rope_cos_sin(torch.tensor([n]), inv)
-    return (apply_rope(q[None], cq, sq, interleaved) * apply_rope(k[None], ck, sk, interleaved)
-            ).sum().item()
+    return (
+        (apply_rope(q[None], cq, sq, interleaved) * apply_rope(k[None], ck, sk, interleaved))
+        .sum()
+        .item()
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(0, 500), n=st.integers(0, 500), shift=st.integers(0, 500),
-       seed=st.integers(0, 10_000), interleaved=st.booleans())
+@given(
+    m=st.integers(0, 500),
+    n=st.integers(0, 500),
+    shift=st.integers(0, 500),
+    seed=st.integers(0, 10_000),
+    interleaved=st.booleans(),
+)
 def test_rope_score_depends_only_on_the_offset(m, n, shift, seed, interleaved):
     g = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
-                                                                        dtype=torch.float64)
+    q, k = (
+        torch.randn(8, generator=g, dtype=torch.float64),
+        torch.randn(8, generator=g, dtype=torch.float64),
+    )
     a = _score(q, k, m, n, interleaved)
     b = _score(q, k, m + shift, n + shift, interleaved)
     assert a == pytest.approx(b, abs=1e-4)
@@ -83,8 +93,9 @@ def test_rope_changes_scores_when_the_offset_changes():
 def test_rope_rotates_a_pair_by_the_angle():
     x = torch.tensor([[1.0, 0.0]])
     cos, sin = torch.tensor([[math.cos(0.3)]]), torch.tensor([[math.sin(0.3)]])
-    torch.testing.assert_close(apply_rope(x, cos, sin), torch.tensor([[math.cos(0.3),
-                                                                        math.sin(0.3)]]))
+    torch.testing.assert_close(
+        apply_rope(x, cos, sin), torch.tensor([[math.cos(0.3), math.sin(0.3)]])
+    )
 
 
 def test_layouts_agree_once_rows_are_permuted():
@@ -102,8 +113,9 @@ def test_offset_in_cached_decoding_equals_full_sequence_rotation():
     rope = RotaryEmbedding(8)
     x = torch.randn(2, 4, 10, 8)
     full = rope(x)
-    steps = torch.cat([rope(x[:, :, :4], 0)] + [rope(x[:, :, t:t + 1], t) for t in range(4, 10)],
-                      dim=2)
+    steps = torch.cat(
+        [rope(x[:, :, :4], 0)] + [rope(x[:, :, t : t + 1], t) for t in range(4, 10)], dim=2
+    )
     torch.testing.assert_close(steps, full)
 
 
@@ -112,6 +124,7 @@ def test_rope_matches_transformers_interleaved_and_half_split():
         apply_rotary_pos_emb,
         apply_rotary_pos_emb_interleave,
     )
+
     q, k = torch.randn(1, 2, 7, 8), torch.randn(1, 1, 7, 8)
     cos, sin = rope_cos_sin(torch.arange(7), rope_inv_freq(8))
     hf_cos, hf_sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
@@ -123,8 +136,15 @@ def test_rope_matches_transformers_interleaved_and_half_split():
     torch.testing.assert_close(apply_rope(q, cos, sin, interleaved=False), hq)
 
 
-YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 0.7}
+YARN = {
+    "type": "yarn",
+    "factor": 8.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.9,
+    "mscale_all_dim": 0.7,
+}
 
 
 def test_yarn_matches_transformers_deepseek_v3():
@@ -133,10 +153,20 @@ def test_yarn_matches_transformers_deepseek_v3():
         DeepseekV3Attention,
         DeepseekV3RotaryEmbedding,
     )
-    cfg = DeepseekV3Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
-                           q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
-                           qk_rope_head_dim=32, v_head_dim=16, max_position_embeddings=512,
-                           rope_theta=10000.0, rope_scaling=dict(YARN))
+
+    cfg = DeepseekV3Config(
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=32,
+        v_head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rope_scaling=dict(YARN),
+    )
     hf = DeepseekV3RotaryEmbedding(cfg)
     yarn = YarnScaling.from_hf(YARN)
     ours = yarn_inv_freq(32, 10000.0, yarn)
@@ -149,7 +179,7 @@ def test_yarn_matches_transformers_deepseek_v3():
     torch.testing.assert_close(cos, hf_cos[0, :, :16], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sin, hf_sin[0, :, :16], rtol=1e-5, atol=1e-5)
     attn = DeepseekV3Attention(cfg, 0)
-    assert (48 ** -0.5) * yarn.softmax_scale_factor == pytest.approx(attn.scaling, rel=1e-12)
+    assert (48**-0.5) * yarn.softmax_scale_factor == pytest.approx(attn.scaling, rel=1e-12)
 
 
 def test_yarn_keeps_fast_pairs_and_slows_slow_ones():

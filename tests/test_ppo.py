@@ -14,16 +14,24 @@ torch.set_num_threads(1)
 
 def _tiny(seed: int = 0) -> TinyDecoder:
     torch.manual_seed(seed)
-    return TinyDecoder(DecoderConfig(16, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, max_position_embeddings=64)).eval()
+    return TinyDecoder(
+        DecoderConfig(
+            16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 def _gae_by_definition(rewards, values, length, gamma, lam):
     """A_t = sum_l (gamma lam)^l delta_{t+l}, written out for one completion of `length`."""
     v = list(values[:length]) + [0.0]
     deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(length)]
-    return [sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t))
-            for t in range(length)]
+    return [
+        sum((gamma * lam) ** l * deltas[t + l] for l in range(length - t)) for t in range(length)
+    ]
 
 
 @settings(max_examples=40, deadline=None)
@@ -37,11 +45,16 @@ def test_gae_equals_its_definition(seed, gamma, lam):
     values = torch.randn(n, t, generator=g, dtype=torch.float64)
     adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
     for i in range(n):
-        want = _gae_by_definition(rewards[i].tolist(), values[i].tolist(), int(lengths[i]),
-                                  gamma, lam)
-        torch.testing.assert_close(adv[i, :lengths[i]].double(),
-                                   torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
-        assert (adv[i, lengths[i]:] == 0).all() and (ret[i, lengths[i]:] == 0).all()
+        want = _gae_by_definition(
+            rewards[i].tolist(), values[i].tolist(), int(lengths[i]), gamma, lam
+        )
+        torch.testing.assert_close(
+            adv[i, : lengths[i]].double(),
+            torch.tensor(want, dtype=torch.float64),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        assert (adv[i, lengths[i] :] == 0).all() and (ret[i, lengths[i] :] == 0).all()
     torch.testing.assert_close(ret[mask], (adv + values.float())[mask])
 
 
@@ -89,8 +102,10 @@ def test_value_model_starts_at_zero_and_reads_the_policy_hidden_states():
         torch.testing.assert_close(critic(ids), hidden @ critic.head.weight[0] + 0.5)
     # a copy: training the critic leaves the policy alone, and no LM head is kept
     assert all(p is not q for p, q in zip(critic.parameters(), policy.parameters(), strict=False))
-    assert sum(p.numel() for p in critic.parameters()) < sum(
-        p.numel() for p in policy.parameters()) + 33
+    assert (
+        sum(p.numel() for p in critic.parameters())
+        < sum(p.numel() for p in policy.parameters()) + 33
+    )
     with pytest.raises(ValueError, match="forward_with_hidden"):
         ppo.ValueModel(torch.nn.Linear(2, 2))
 
@@ -115,8 +130,13 @@ def test_ppo_raises_the_rewarded_behaviour_and_the_critic_learns():
     model = _tiny(seed=1)
     config = ppo.PPOConfig(prompts_per_step=32, lr=3e-2, critic_lr=3e-2, max_new_tokens=2)
     history, critic, opts = ppo.train_ppo(
-        model, task.problems(64, seed=0), steps=25, config=config, progress=False,
-        reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+        model,
+        task.problems(64, seed=0),
+        steps=25,
+        config=config,
+        progress=False,
+        reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}),
+    )
     reward = history["reward"]
     assert sum(reward[-5:]) / 5 > 0.8 > sum(reward[:3]) / 3 + 0.3, reward
     assert history["explained_variance"][-1] > history["explained_variance"][0]
@@ -124,16 +144,23 @@ def test_ppo_raises_the_rewarded_behaviour_and_the_critic_learns():
     params = sum(p.numel() * 4 for p in model.parameters())
     assert mem["critic"] > 0.9 * params - 16 * 32 * 4  # a whole second trunk
     trained = sum(p.numel() for p in model.parameters()) + sum(
-        p.numel() for p in critic.parameters())
+        p.numel() for p in critic.parameters()
+    )
     assert mem["optimizer state"] >= 2 * 4 * trained  # AdamW: two moments per parameter
     assert mem["total"] == mem["policy"] + mem["critic"] + mem["optimizer state"]
 
 
-@pytest.mark.parametrize("bad, word", [
-    ({"prompts_per_step": 0}, "prompts_per_step"), ({"clip_eps": 0.0}, "clip_eps"),
-    ({"value_clip": -1.0}, "value_clip"), ({"lam": 1.5}, "gamma and lam"),
-    ({"beta": -0.1}, "beta"), ({"critic_lr": 0.0}, "critic_lr"),
-])
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        ({"prompts_per_step": 0}, "prompts_per_step"),
+        ({"clip_eps": 0.0}, "clip_eps"),
+        ({"value_clip": -1.0}, "value_clip"),
+        ({"lam": 1.5}, "gamma and lam"),
+        ({"beta": -0.1}, "beta"),
+        ({"critic_lr": 0.0}, "critic_lr"),
+    ],
+)
 def test_ppo_config_refuses_nonsense(bad, word):
     with pytest.raises(ValueError, match=word):
         ppo.PPOConfig(**bad)
@@ -142,5 +169,11 @@ def test_ppo_config_refuses_nonsense(bad, word):
 def test_ppo_refuses_a_nan_reward():
     config = ppo.PPOConfig(prompts_per_step=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="non-finite"):
-        ppo.train_ppo(_tiny(), ArithmeticTask().problems(4), 1, config, progress=False,
-                      reward_fn=lambda ps, cs: torch.full((len(cs),), float("nan")))
+        ppo.train_ppo(
+            _tiny(),
+            ArithmeticTask().problems(4),
+            1,
+            config,
+            progress=False,
+            reward_fn=lambda ps, cs: torch.full((len(cs),), float("nan")),
+        )

@@ -18,8 +18,14 @@ from course_utils.pretrain import (
     save_pretrained,
 )
 
-SMALL = PretrainConfig(overrides=(("num_hidden_layers", 2),), steps=6, batch_size=8,
-                       n_train_lines=300, eval_every=3, n_eval_problems=8)
+SMALL = PretrainConfig(
+    overrides=(("num_hidden_layers", 2),),
+    steps=6,
+    batch_size=8,
+    n_train_lines=300,
+    eval_every=3,
+    n_eval_problems=8,
+)
 
 
 def test_resumed_run_equals_the_straight_run(tmp_path):
@@ -32,8 +38,9 @@ def test_resumed_run_equals_the_straight_run(tmp_path):
     second = Pretrainer.resume(tmp_path / "half")
     assert second.step == 3
     second.train(progress=False)
-    for (name, a), b in zip(straight.model.state_dict().items(),
-                            second.model.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), second.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert second.history.loss == straight.history.loss
     assert second.history.eval_steps == [3, 6]
@@ -66,8 +73,9 @@ def test_save_pretrained_is_what_load_or_pretrain_loads(tmp_path):
     assert path == checkpoint_path(SMALL, tmp_path)
     assert json.loads((path / "artifact.json").read_text())["spec"] == SMALL.spec()
     loaded = load_or_pretrain(SMALL, root=tmp_path, progress=False)  # loads, trains nothing
-    for (name, a), b in zip(run.model.state_dict().items(), loaded.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        run.model.state_dict().items(), loaded.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -89,8 +97,9 @@ def test_the_run_trains_mtp_with_its_lambda():
     run = Pretrainer(SMALL)
     assert len(run.model.mtp) == SMALL.mtp_depth == 1
     run.train(progress=False)
-    assert len(run.history.mtp_loss) == SMALL.steps and all(len(d) == 1
-                                                            for d in run.history.mtp_loss)
+    assert len(run.history.mtp_loss) == SMALL.steps and all(
+        len(d) == 1 for d in run.history.mtp_loss
+    )
     # the loss the trainer minimises is the main loss plus lambda times the recorded depth loss
     heavy = Pretrainer(dataclasses.replace(SMALL, mtp_lambda=0.9))
     x, y = heavy.trainer.get_batch()

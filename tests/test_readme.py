@@ -12,5 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_course_table_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert render() in readme, ("README's course table is stale: run "
-                                "`python tools/course_table.py` (make execute does it)")
+    assert render() in readme, (
+        "README's course table is stale: run `python tools/course_table.py` (make execute does it)"
+    )

@@ -56,15 +56,18 @@ def _sources() -> list[tuple[str, str]]:
         nb = nbformat.read(nb_path, as_version=4)
         for i, cell in enumerate(nb.cells):
             if cell.cell_type == "code":
-                code = "\n".join("pass" if ln.lstrip().startswith(("%", "!")) else ln
-                                 for ln in cell.source.split("\n"))
+                code = "\n".join(
+                    "pass" if ln.lstrip().startswith(("%", "!")) else ln
+                    for ln in cell.source.split("\n")
+                )
                 out.append((f"{nb_path.name} cell {i}", code))
     return out
 
 
 def _imported_modules() -> dict[str, str]:
     local = {p.stem for d in LOCAL_DIRS for p in (ROOT / d).rglob("*.py")} | {
-        p.name for d in LOCAL_DIRS for p in (ROOT / d).iterdir() if p.is_dir()}
+        p.name for d in LOCAL_DIRS for p in (ROOT / d).iterdir() if p.is_dir()
+    }
     found: dict[str, str] = {}
     for where, code in _sources():
         for node in ast.walk(ast.parse(code)):
@@ -76,8 +79,12 @@ def _imported_modules() -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if (top in sys.stdlib_module_names or top in local or top in OPTIONAL
-                        or top in ("course_utils", *LOCAL_DIRS)):
+                if (
+                    top in sys.stdlib_module_names
+                    or top in local
+                    or top in OPTIONAL
+                    or top in ("course_utils", *LOCAL_DIRS)
+                ):
                     continue
                 found.setdefault(top, where)
     return found

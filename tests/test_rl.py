@@ -20,30 +20,34 @@ P = ArithmeticProblem((7, 45, 13))  # 065
 
 # -- rewards and the verifier ----------------------------------------------------------------
 
-@pytest.mark.parametrize("completion, right, well_formed", [
-    ("065\n", 1.0, 0.0),
-    ("65\n", 1.0, 0.0),                          # unpadded but the same number
-    ("<7+5+3=15;0+4+1+1=06>065\n", 1.0, 1.0),
-    ("<7+5+3=15;0+4+1+1=06>065\njunk", 1.0, 1.0),  # text after the end token is ignored
-    ("<7+5+3=19;0+4+1+1=99>065\n", 1.0, 1.0),   # wrong steps, right answer: format only
-    ("<7+5+3=15;0+4+1+1=06>064\n", 0.0, 1.0),   # well formed but wrong
-    ("<7+5+3=15>065\n", 1.0, 0.0),              # one step missing
-    ("<7+5+3=15;0+4+1+1=06;0+0=00>065\n", 1.0, 0.0),  # one step too many
-    ("<07=07;45=45>065\n", 1.0, 0.0),            # steps that add nothing
-    ("065", 0.0, 0.0),                           # unterminated: never said it finished
-    ("<7+5+3=15;0+4+1+1=06>065", 0.0, 0.0),
-    ("<7+5+3=15;0+4+1+1=06065\n", 0.0, 0.0),    # block never closed
-    ("<7+5+3=15;;0+4+1+1=06>065\n", 1.0, 0.0),  # empty step
-    ("<>065\n", 1.0, 0.0),
-    ("\n", 0.0, 0.0),
-    ("", 0.0, 0.0),
-    ("0 65\n", 0.0, 0.0),
-    ("065+\n", 0.0, 0.0),
-    ("٠٦٥\n", 0.0, 0.0),                        # Arabic-Indic digits are not ours
-    ("<٧+5+3=15;0+4+1+1=06>065\n", 0.0, 0.0),   # a block of foreign digits is malformed
-    ("065\n065\n", 1.0, 0.0),
-    ("066\n065\n", 0.0, 0.0),                    # only the first line counts
-])
+
+@pytest.mark.parametrize(
+    "completion, right, well_formed",
+    [
+        ("065\n", 1.0, 0.0),
+        ("65\n", 1.0, 0.0),  # unpadded but the same number
+        ("<7+5+3=15;0+4+1+1=06>065\n", 1.0, 1.0),
+        ("<7+5+3=15;0+4+1+1=06>065\njunk", 1.0, 1.0),  # text after the end token is ignored
+        ("<7+5+3=19;0+4+1+1=99>065\n", 1.0, 1.0),  # wrong steps, right answer: format only
+        ("<7+5+3=15;0+4+1+1=06>064\n", 0.0, 1.0),  # well formed but wrong
+        ("<7+5+3=15>065\n", 1.0, 0.0),  # one step missing
+        ("<7+5+3=15;0+4+1+1=06;0+0=00>065\n", 1.0, 0.0),  # one step too many
+        ("<07=07;45=45>065\n", 1.0, 0.0),  # steps that add nothing
+        ("065", 0.0, 0.0),  # unterminated: never said it finished
+        ("<7+5+3=15;0+4+1+1=06>065", 0.0, 0.0),
+        ("<7+5+3=15;0+4+1+1=06065\n", 0.0, 0.0),  # block never closed
+        ("<7+5+3=15;;0+4+1+1=06>065\n", 1.0, 0.0),  # empty step
+        ("<>065\n", 1.0, 0.0),
+        ("\n", 0.0, 0.0),
+        ("", 0.0, 0.0),
+        ("0 65\n", 0.0, 0.0),
+        ("065+\n", 0.0, 0.0),
+        ("٠٦٥\n", 0.0, 0.0),  # Arabic-Indic digits are not ours
+        ("<٧+5+3=15;0+4+1+1=06>065\n", 0.0, 0.0),  # a block of foreign digits is malformed
+        ("065\n065\n", 1.0, 0.0),
+        ("066\n065\n", 0.0, 0.0),  # only the first line counts
+    ],
+)
 def test_verifier_and_format_reward_edge_cases(completion, right, well_formed):
     assert rl.correctness_reward(P, completion) == right
     assert rl.format_reward(P, completion) == well_formed
@@ -69,6 +73,7 @@ def test_combined_rewards_use_named_weights_and_custom_verifiers():
 
 # -- masks and sampling ------------------------------------------------------------------------
 
+
 def test_completion_mask_keeps_the_first_end_token_and_drops_the_rest():
     ids = torch.tensor([[3, 4, 0, 0, 0], [0, 0, 0, 0, 0], [5, 6, 7, 8, 9], [1, 0, 2, 0, 3]])
     want = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
@@ -78,8 +83,15 @@ def test_completion_mask_keeps_the_first_end_token_and_drops_the_rest():
 
 def _tiny(vocab=16, seed=0, hidden=32):
     torch.manual_seed(seed)
-    return TinyDecoder(DecoderConfig(vocab, hidden_size=hidden, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=64))
+    return TinyDecoder(
+        DecoderConfig(
+            vocab,
+            hidden_size=hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def test_sample_groups_logprobs_match_a_full_forward_and_groups_share_prompts():
@@ -106,20 +118,28 @@ def test_sample_groups_logprobs_match_a_full_forward_and_groups_share_prompts():
 
 # -- advantages --------------------------------------------------------------------------------
 
+
 def test_group_advantages_hand_computed_with_the_unbiased_std():
     r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 4.0, 0.0, 2.0]])
     # group 0: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
     # group 1: mean 2, unbiased std sqrt(8 / 3)
-    want = torch.tensor([[1.5, -0.5, -0.5, -0.5], [0.0, 2 / math.sqrt(8 / 3), -2 / math.sqrt(8 / 3),
-                                                    0.0]])
+    want = torch.tensor(
+        [[1.5, -0.5, -0.5, -0.5], [0.0, 2 / math.sqrt(8 / 3), -2 / math.sqrt(8 / 3), 0.0]]
+    )
     assert torch.allclose(rl.group_advantages(r, eps=0.0), want, atol=1e-6)
-    assert torch.allclose(rl.group_advantages(r, eps=0.0, scale_std=False),
-                          r - r.mean(1, keepdim=True))
+    assert torch.allclose(
+        rl.group_advantages(r, eps=0.0, scale_std=False), r - r.mean(1, keepdim=True)
+    )
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.sampled_from([0.0, 0.1, 0.25, 1.0, 1.25]), min_size=2, max_size=9),
-                min_size=1, max_size=5).filter(lambda rows: len({len(r) for r in rows}) == 1))
+@given(
+    st.lists(
+        st.lists(st.sampled_from([0.0, 0.1, 0.25, 1.0, 1.25]), min_size=2, max_size=9),
+        min_size=1,
+        max_size=5,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
 def test_advantages_sum_to_zero_and_vanish_for_equal_rewards(rows):
     r = torch.tensor(rows)
     for scale in (True, False):
@@ -138,6 +158,7 @@ def test_exactly_zero_even_where_the_mean_rounds():
 
 
 # -- KL and the loss ---------------------------------------------------------------------------
+
 
 def test_k3_kl_is_zero_at_the_reference_and_matches_the_true_kl_in_expectation():
     lp = torch.log_softmax(torch.randn(5, 7), -1)
@@ -172,21 +193,24 @@ def test_loss_equals_a_hand_computed_value():
         return math.exp(r - n) - (r - n) - 1
 
     # sequence 0, A = +1: ratios e^0.3 (clipped down to 1.2), e^0, e^-0.5 (min keeps it)
-    seq0 = [min(math.exp(0.3), 1.2) - beta * k3(-1.0, -1.0),
-            1.0 - beta * k3(-0.5, -0.7),
-            math.exp(-0.5) - beta * k3(-2.0, -1.8)]
+    seq0 = [
+        min(math.exp(0.3), 1.2) - beta * k3(-1.0, -1.0),
+        1.0 - beta * k3(-0.5, -0.7),
+        math.exp(-0.5) - beta * k3(-2.0, -1.8),
+    ]
     # sequence 1, A = -0.5: ratios e^0 and e^-0.2 (= 0.819 > 0.8, inside the clip range)
-    seq1 = [-0.5 - beta * k3(-0.3, -0.2),
-            -0.5 * math.exp(-0.2) - beta * k3(-1.2, -1.2)]
+    seq1 = [-0.5 - beta * k3(-0.3, -0.2), -0.5 * math.exp(-0.2) - beta * k3(-1.2, -1.2)]
     want_seq = -(sum(seq0) / 3 + sum(seq1) / 2) / 2
     want_tok = -(sum(seq0) + sum(seq1)) / 5
     want_const = -(sum(seq0) + sum(seq1)) / (2 * 3)
     loss, stats = rl.grpo_loss(new, old, ref, adv, mask, eps, beta, "sequence")
     assert loss.item() == pytest.approx(want_seq, abs=1e-6)
-    assert rl.grpo_loss(new, old, ref, adv, mask, eps, beta, "token")[0].item() == \
-        pytest.approx(want_tok, abs=1e-6)
-    assert rl.grpo_loss(new, old, ref, adv, mask, eps, beta, "constant")[0].item() == \
-        pytest.approx(want_const, abs=1e-6)
+    assert rl.grpo_loss(new, old, ref, adv, mask, eps, beta, "token")[0].item() == pytest.approx(
+        want_tok, abs=1e-6
+    )
+    assert rl.grpo_loss(new, old, ref, adv, mask, eps, beta, "constant")[0].item() == pytest.approx(
+        want_const, abs=1e-6
+    )
     assert stats["clip_fraction"] == pytest.approx(1 / 5)
     kls = [k3(-1.0, -1.0), k3(-0.5, -0.7), k3(-2.0, -1.8), k3(-0.3, -0.2), k3(-1.2, -1.2)]
     assert stats["kl"] == pytest.approx(sum(kls) / 5, abs=1e-6)
@@ -251,8 +275,9 @@ def test_clipping_removes_the_gradient_past_the_trust_region():
 def test_kl_term_pulls_toward_the_reference():
     lp = torch.tensor([[-0.2]], requires_grad=True)
     ref = torch.tensor([[-1.0]])
-    loss, stats = rl.grpo_loss(lp, lp.detach(), ref, torch.zeros(1), torch.ones(1, 1).bool(),
-                               beta=1.0)
+    loss, stats = rl.grpo_loss(
+        lp, lp.detach(), ref, torch.zeros(1), torch.ones(1, 1).bool(), beta=1.0
+    )
     loss.backward()
     assert stats["kl"] == pytest.approx(math.exp(-0.8) + 0.8 - 1, abs=1e-6)
     assert lp.grad.item() > 0  # descending lowers logp_new, toward the reference's -1.0
@@ -278,8 +303,7 @@ def test_one_token_bandit_converges_to_the_rewarded_token():
     groups, size = 4, 8
     for _ in range(60):
         with torch.no_grad():
-            tokens = torch.multinomial(logits.softmax(-1).expand(groups * size, -1), 1,
-                                       generator=g)
+            tokens = torch.multinomial(logits.softmax(-1).expand(groups * size, -1), 1, generator=g)
         rewards = (tokens == 4).float().view(groups, size)
         adv = rl.group_advantages(rewards).view(-1)
         lp = torch.log_softmax(logits, -1)[tokens]
@@ -292,6 +316,7 @@ def test_one_token_bandit_converges_to_the_rewarded_token():
 
 # -- the loop ----------------------------------------------------------------------------------
 
+
 def _opens_block(problem, completion):
     return float(completion.startswith("<"))
 
@@ -302,19 +327,30 @@ def test_grpo_steps_raise_the_rewarded_behaviour():
     problems = task.problems(64, seed=0)
     reward_fn = rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block})
     config = rl.GRPOConfig(prompts_per_step=4, group_size=8, lr=3e-2, max_new_tokens=2)
-    before = rl.sample_groups(model, task.encode_prompts(problems[:16]), 8, 1, 1.0, 0,
-                              torch.Generator().manual_seed(5))
-    history = rl.train_grpo(model, problems, steps=25, config=config, reward_fn=reward_fn,
-                            progress=False, seed=0)
-    after = rl.sample_groups(model, task.encode_prompts(problems[:16]), 8, 1, 1.0, 0,
-                             torch.Generator().manual_seed(5))
+    before = rl.sample_groups(
+        model, task.encode_prompts(problems[:16]), 8, 1, 1.0, 0, torch.Generator().manual_seed(5)
+    )
+    history = rl.train_grpo(
+        model, problems, steps=25, config=config, reward_fn=reward_fn, progress=False, seed=0
+    )
+    after = rl.sample_groups(
+        model, task.encode_prompts(problems[:16]), 8, 1, 1.0, 0, torch.Generator().manual_seed(5)
+    )
     opens = task.tokenizer.stoi["<"]
     rate_before = (before.completion_ids[:, 0] == opens).float().mean().item()
     rate_after = (after.completion_ids[:, 0] == opens).float().mean().item()
     assert rate_before < 0.2 and rate_after > 0.8, (rate_before, rate_after)
     assert len(history) == 25 and history["reward"][-1] > history["reward"][0]
-    assert set(history.records[0]) >= {"reward", "accuracy", "length", "worked_fraction",
-                                       "zero_variance_groups", "loss", "kl", "clip_fraction"}
+    assert set(history.records[0]) >= {
+        "reward",
+        "accuracy",
+        "length",
+        "worked_fraction",
+        "zero_variance_groups",
+        "loss",
+        "kl",
+        "clip_fraction",
+    }
     assert all(r == 1.0 for r in history["ratio"])  # one update per batch
 
 
@@ -322,20 +358,34 @@ def test_train_grpo_with_kl_reference_several_updates_and_evaluation():
     task = ArithmeticTask()
     model = _tiny(seed=2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    config = rl.GRPOConfig(prompts_per_step=2, group_size=4, lr=1e-2, beta=0.1,
-                           updates_per_batch=2, max_new_tokens=4, aggregation="token")
-    history = rl.train_grpo(model, task.problems(16, seed=0), steps=3, config=config,
-                            eval_problems=task.problems(8, seed=0, split="test"), eval_every=2,
-                            progress=False,
-                            reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+    config = rl.GRPOConfig(
+        prompts_per_step=2,
+        group_size=4,
+        lr=1e-2,
+        beta=0.1,
+        updates_per_batch=2,
+        max_new_tokens=4,
+        aggregation="token",
+    )
+    history = rl.train_grpo(
+        model,
+        task.problems(16, seed=0),
+        steps=3,
+        config=config,
+        eval_problems=task.problems(8, seed=0, split="test"),
+        eval_every=2,
+        progress=False,
+        reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}),
+    )
     assert history.eval_steps == [0, 2, 3] and len(history.eval_accuracy) == 3
     assert 0 < history.train_seconds <= history.seconds  # evaluations excluded
     assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
     # the second update of a batch sees a ratio that moved away from 1
     assert any(r != 1.0 for r in history["ratio"])
     with pytest.raises(ValueError, match="reference"):
-        rl.grpo_step(model, torch.optim.SGD(model.parameters(), 0.1), task,
-                     task.problems(2), config)
+        rl.grpo_step(
+            model, torch.optim.SGD(model.parameters(), 0.1), task, task.problems(2), config
+        )
     with pytest.raises(ValueError, match="group_size"):
         rl.GRPOConfig(group_size=1)
     for bad in (dict(clip_eps=0.0), dict(beta=-0.1), dict(off_policy_mask=-1.0)):
@@ -346,12 +396,24 @@ def test_train_grpo_with_kl_reference_several_updates_and_evaluation():
 def test_train_grpo_with_deepseek_v32_options_masks_and_reports():
     task = ArithmeticTask()
     model = _tiny(seed=3)
-    config = rl.GRPOConfig(prompts_per_step=2, group_size=4, lr=5e-2, beta=0.1,
-                           updates_per_batch=3, max_new_tokens=4, kl_bias_correction=True,
-                           off_policy_mask=0.0)
-    history = rl.train_grpo(model, task.problems(16, seed=0), steps=2, config=config,
-                            progress=False,
-                            reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+    config = rl.GRPOConfig(
+        prompts_per_step=2,
+        group_size=4,
+        lr=5e-2,
+        beta=0.1,
+        updates_per_batch=3,
+        max_new_tokens=4,
+        kl_bias_correction=True,
+        off_policy_mask=0.0,
+    )
+    history = rl.train_grpo(
+        model,
+        task.problems(16, seed=0),
+        steps=2,
+        config=config,
+        progress=False,
+        reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}),
+    )
     fractions = history["masked_fraction"]
     assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions)
 
@@ -361,11 +423,23 @@ def test_grpo_runs_on_the_mini_deepseek_with_cached_sampling():
     from course_utils.model import DeepSeekForCausalLM
 
     torch.manual_seed(0)
-    model = DeepSeekForCausalLM(DeepSeekConfig(
-        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        n_routed_experts=4, moe_intermediate_size=16, intermediate_size=32,
-        max_position_embeddings=64))
+    model = DeepSeekForCausalLM(
+        DeepSeekConfig(
+            vocab_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            n_routed_experts=4,
+            moe_intermediate_size=16,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
     task = ArithmeticTask()
     prompts = task.encode_prompts(task.problems(3))
     s = rl.sample_groups(model, prompts, 4, 10, 1.0, 0, torch.Generator().manual_seed(0))
@@ -388,11 +462,24 @@ def test_keep_routing_in_grpo_updates(keep):
     learning rate moves the routers and later updates switch experts."""
     task = ArithmeticTask()
     model = _tiny_moe_policy()
-    config = rl.GRPOConfig(prompts_per_step=4, group_size=4, lr=5e-2, updates_per_batch=4,
-                           max_new_tokens=6, keep_routing=keep, grad_clip=None)
-    history = rl.train_grpo(model, task.problems(16, seed=0), steps=3, config=config,
-                            progress=False, seed=0,
-                            reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}))
+    config = rl.GRPOConfig(
+        prompts_per_step=4,
+        group_size=4,
+        lr=5e-2,
+        updates_per_batch=4,
+        max_new_tokens=6,
+        keep_routing=keep,
+        grad_clip=None,
+    )
+    history = rl.train_grpo(
+        model,
+        task.problems(16, seed=0),
+        steps=3,
+        config=config,
+        progress=False,
+        seed=0,
+        reward_fn=rl.make_reward_fn({"opens": 1.0}, {"opens": _opens_block}),
+    )
     changed = history["routing_changed"]
     if keep:
         assert changed == [0.0, 0.0, 0.0]
@@ -403,21 +490,31 @@ def test_keep_routing_in_grpo_updates(keep):
 def test_keep_routing_needs_an_moe_policy():
     config = rl.GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3, keep_routing=True)
     with pytest.raises(ValueError, match="MoE"):
-        rl.train_grpo(_tiny(seed=0), ArithmeticTask().problems(4), steps=1, config=config,
-                      progress=False)
+        rl.train_grpo(
+            _tiny(seed=0), ArithmeticTask().problems(4), steps=1, config=config, progress=False
+        )
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda problems, texts: torch.full((len(texts),), float("nan")), "non-finite"),
-    (lambda problems, texts: torch.zeros(len(texts), 2), "shape"),
-    (lambda problems, texts: torch.zeros(len(texts) - 1), "shape"),
-    (lambda problems, texts: [0.0] * len(texts), "tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda problems, texts: torch.full((len(texts),), float("nan")), "non-finite"),
+        (lambda problems, texts: torch.zeros(len(texts), 2), "shape"),
+        (lambda problems, texts: torch.zeros(len(texts) - 1), "shape"),
+        (lambda problems, texts: [0.0] * len(texts), "tensor"),
+    ],
+)
 def test_a_reward_that_is_nan_or_the_wrong_shape_is_refused(bad, match):
     config = rl.GRPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=3)
     with pytest.raises(ValueError, match=match):
-        rl.train_grpo(_tiny(seed=0), ArithmeticTask().problems(4), steps=1, config=config,
-                      reward_fn=bad, progress=False)
+        rl.train_grpo(
+            _tiny(seed=0),
+            ArithmeticTask().problems(4),
+            steps=1,
+            config=config,
+            reward_fn=bad,
+            progress=False,
+        )
     nan_verifier = rl.make_reward_fn({"nan": 1.0}, {"nan": lambda p, c: float("nan")})
     with pytest.raises(ValueError, match="reward 'nan'.*non-finite"):
         nan_verifier([P], ["065\n"])
@@ -425,11 +522,11 @@ def test_a_reward_that_is_nan_or_the_wrong_shape_is_refused(bad, match):
 
 # -- the course's GRPO checkpoint (notebook 22 -> 23) ----------------------------------------
 
+
 def test_load_or_train_grpo_trains_saves_then_loads(tmp_path):
     from course_utils.pretrain import PretrainConfig
 
-    pre = PretrainConfig(steps=2, batch_size=4, n_train_lines=64, eval_every=2,
-                         n_eval_problems=4)
+    pre = PretrainConfig(steps=2, batch_size=4, n_train_lines=64, eval_every=2, n_eval_problems=4)
     cfg = rl.GRPOConfig(prompts_per_step=2, group_size=2)
     trained = rl.load_or_train_grpo(pre, cfg, "cpu", steps=2, root=tmp_path, progress=False)
     path = rl.grpo_checkpoint_path(pre, cfg, 2, 0, tmp_path)
@@ -445,6 +542,7 @@ def test_load_or_train_grpo_trains_saves_then_loads(tmp_path):
 
 # -- DeepSeek-V3.2's changes to GRPO (paper section 3.1) -------------------------------------
 
+
 def test_bias_corrected_kl_has_the_exact_kl_gradient_off_policy():
     """Tokens drawn from pi_old: the expectation of the ratio-weighted k3's gradient is the
     gradient of KL(pi_theta || pi_ref), computed exactly here by enumerating the vocabulary."""
@@ -456,17 +554,28 @@ def test_bias_corrected_kl_has_the_exact_kl_gradient_off_policy():
     p_old = torch.softmax(theta_old, -1)
 
     def expected_grad(correct: bool) -> torch.Tensor:
-        logp, logp_old, logp_ref = (torch.log_softmax(t, -1)[:, None]
-                                    for t in (theta, theta_old, theta_ref))
-        total = sum(p_old[x] * grpo_loss(logp[x:x + 1], logp_old[x:x + 1], logp_ref[x:x + 1],
-                                         torch.zeros(1), torch.ones(1, 1, dtype=torch.bool),
-                                         beta=1.0, kl_bias_correction=correct)[0]
-                    for x in range(vocab))
+        logp, logp_old, logp_ref = (
+            torch.log_softmax(t, -1)[:, None] for t in (theta, theta_old, theta_ref)
+        )
+        total = sum(
+            p_old[x]
+            * grpo_loss(
+                logp[x : x + 1],
+                logp_old[x : x + 1],
+                logp_ref[x : x + 1],
+                torch.zeros(1),
+                torch.ones(1, 1, dtype=torch.bool),
+                beta=1.0,
+                kl_bias_correction=correct,
+            )[0]
+            for x in range(vocab)
+        )
         return torch.autograd.grad(total, theta)[0]
 
     exact = torch.distributions.kl_divergence(
         torch.distributions.Categorical(logits=theta),
-        torch.distributions.Categorical(logits=theta_ref))
+        torch.distributions.Categorical(logits=theta_ref),
+    )
     want = torch.autograd.grad(exact, theta)[0]
     torch.testing.assert_close(expected_grad(True), want, rtol=1e-5, atol=1e-6)
     assert (expected_grad(False) - want).abs().max() > 1e-2  # the plain k3 is biased here
@@ -532,8 +641,7 @@ class _OneProcess:
     gather_for_metrics = gather
 
 
-def _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, beta, eps, bias_correction,
-                   off_policy):
+def _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, beta, eps, bias_correction, off_policy):
     """TRL's own `GRPOTrainer._compute_loss` (loss_type "grpo", per-token ratios), run on
     given log-probs: the model call is replaced by a function that returns them."""
     from collections import defaultdict
@@ -544,17 +652,32 @@ def _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, beta, eps, bias_corr
     n, t = logp_new.shape
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp_new, torch.zeros(n, t), None),
-        top_entropy_quantile=1.0, aux_loss_enabled=False, off_policy_mask_threshold=off_policy,
-        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, importance_sampling_level="token",
-        beta=beta, args=SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None),
-        loss_type="grpo", epsilon_low=eps, epsilon_high=eps, use_vllm=False,
-        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
-        accelerator=_OneProcess())
-    inputs = dict(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1),
-                  completion_ids=torch.zeros(n, t, dtype=torch.long),
-                  completion_mask=mask.float(), advantages=adv, old_per_token_logps=logp_old,
-                  ref_per_token_logps=logp_ref)
+        top_entropy_quantile=1.0,
+        aux_loss_enabled=False,
+        off_policy_mask_threshold=off_policy,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        importance_sampling_level="token",
+        beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None),
+        loss_type="grpo",
+        epsilon_low=eps,
+        epsilon_high=eps,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        accelerator=_OneProcess(),
+    )
+    inputs = dict(
+        prompt_ids=torch.zeros(n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n, 1),
+        completion_ids=torch.zeros(n, t, dtype=torch.long),
+        completion_mask=mask.float(),
+        advantages=adv,
+        old_per_token_logps=logp_old,
+        ref_per_token_logps=logp_ref,
+    )
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
@@ -562,20 +685,32 @@ def _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, beta, eps, bias_corr
 @pytest.mark.parametrize("off_policy", [None, 0.1])
 def test_grpo_loss_and_gradient_equal_trl(bias_correction, off_policy):
     logp_new, logp_old, adv, mask = _off_policy_batch(2)
-    logp_ref = (logp_old - 0.3 * torch.rand(logp_old.shape,
-                                            generator=torch.Generator().manual_seed(3)))
-    ours, _ = grpo_loss(logp_new, logp_old, logp_ref, adv, mask, clip_eps=0.2, beta=0.05,
-                        kl_bias_correction=bias_correction, off_policy_mask=off_policy)
+    logp_ref = logp_old - 0.3 * torch.rand(
+        logp_old.shape, generator=torch.Generator().manual_seed(3)
+    )
+    ours, _ = grpo_loss(
+        logp_new,
+        logp_old,
+        logp_ref,
+        adv,
+        mask,
+        clip_eps=0.2,
+        beta=0.05,
+        kl_bias_correction=bias_correction,
+        off_policy_mask=off_policy,
+    )
     # TRL leaves junk in masked positions alone; give it the same values we see there
-    theirs = _trl_grpo_loss(logp_new, logp_old, logp_ref, adv, mask, 0.05, 0.2,
-                            bias_correction, off_policy)
+    theirs = _trl_grpo_loss(
+        logp_new, logp_old, logp_ref, adv, mask, 0.05, 0.2, bias_correction, off_policy
+    )
     torch.testing.assert_close(ours, theirs)
-    g_ours, = torch.autograd.grad(ours, logp_new)
-    g_theirs, = torch.autograd.grad(theirs, logp_new)
+    (g_ours,) = torch.autograd.grad(ours, logp_new)
+    (g_theirs,) = torch.autograd.grad(theirs, logp_new)
     torch.testing.assert_close(g_ours, g_theirs)
 
 
 # -- DPO, against TRL's DPOTrainer loss ---------------------------------------------------------
+
 
 def _trl_dpo_loss(token_logps, mask, ref_chosen, ref_rejected, beta):
     """TRL's own `DPOTrainer._compute_loss` (sigmoid loss, reverse KL) on given per-token
@@ -587,22 +722,40 @@ def _trl_dpo_loss(token_logps, mask, ref_chosen, ref_rejected, beta):
 
     n, t = token_logps.shape
     zeros = torch.zeros(n, t + 1)
-    out = SimpleNamespace(log_probs=token_logps.masked_fill(~mask, 0.0), entropy=zeros,
-                          mean_logits=zeros, is_top1=zeros.bool(), aux_loss=None)
+    out = SimpleNamespace(
+        log_probs=token_logps.masked_fill(~mask, 0.0),
+        entropy=zeros,
+        mean_logits=zeros,
+        is_top1=zeros.bool(),
+        aux_loss=None,
+    )
 
     class Accelerator(_OneProcess):
         device = torch.device("cpu")
 
     trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=Accelerator(), aux_loss_enabled=False,
-        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False,
-        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+        model=SimpleNamespace(training=True),
+        accelerator=Accelerator(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     completion = torch.cat([torch.zeros(n, 1), mask.float()], dim=1)  # prompt token, then mask
-    inputs = dict(input_ids=torch.zeros(n, t + 1, dtype=torch.long),
-                  attention_mask=torch.ones(n, t + 1, dtype=torch.long),
-                  completion_mask=completion, ref_chosen_logps=ref_chosen,
-                  ref_rejected_logps=ref_rejected)
+    inputs = dict(
+        input_ids=torch.zeros(n, t + 1, dtype=torch.long),
+        attention_mask=torch.ones(n, t + 1, dtype=torch.long),
+        completion_mask=completion,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+    )
     model = lambda **kwargs: out  # noqa: E731
     return DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
 
@@ -619,8 +772,9 @@ def test_dpo_loss_and_gradient_equal_trl():
     ours, stats = rl.dpo_loss(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.3)
     theirs = _trl_dpo_loss(token_logps, mask, ref_seq[:pairs], ref_seq[pairs:], beta=0.3)
     torch.testing.assert_close(ours, theirs)
-    torch.testing.assert_close(torch.autograd.grad(ours, token_logps)[0],
-                               torch.autograd.grad(theirs, token_logps)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, token_logps)[0], torch.autograd.grad(theirs, token_logps)[0]
+    )
     margin = 0.3 * ((seq[:pairs] - ref_seq[:pairs]) - (seq[pairs:] - ref_seq[pairs:]))
     assert stats["accuracy"] == pytest.approx((margin > 0).float().mean().item())
     assert 0 < stats["accuracy"] < 1  # both kinds of pairs are in the batch

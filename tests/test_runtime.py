@@ -35,8 +35,12 @@ def test_cuda_requested_without_cuda_fails_loudly(monkeypatch):
 def test_seed_everything_repeats_all_generators():
     def draw():
         g = runtime.seed_everything(123)
-        return (random.random(), np.random.rand(), torch.rand(1).item(),
-                torch.rand(1, generator=g).item())
+        return (
+            random.random(),
+            np.random.rand(),
+            torch.rand(1).item(),
+            torch.rand(1, generator=g).item(),
+        )
 
     assert draw() == draw()
     with pytest.raises(ValueError, match="seed"):

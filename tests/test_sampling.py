@@ -42,8 +42,8 @@ def test_top_p_keeps_the_smallest_nucleus(values, p):
     logits = torch.tensor(values)
     kept = ~torch.isinf(sampling.top_p_filter(logits, p))
     probs = torch.softmax(logits, -1)
-    assert probs[kept].max() == probs.max()      # a most likely token always stays
-    assert probs[kept].sum() >= p - 1e-5           # enough mass
+    assert probs[kept].max() == probs.max()  # a most likely token always stays
+    assert probs[kept].sum() >= p - 1e-5  # enough mass
     # dropping the least likely kept token would fall below p (smallest set)
     if kept.sum() > 1:
         assert probs[kept].sum() - probs[kept].min() < p + 1e-5
@@ -53,7 +53,8 @@ def test_greedy_and_reproducible_sampling():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
     assert sampling.sample_next_token(logits, temperature=0).tolist() == [1, 0]
     draw = lambda: sampling.sample_next_token(  # noqa: E731
-        logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        logits, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(draw(), draw())
     # top_k=1 makes sampling greedy whatever the temperature
     for _ in range(5):

@@ -27,8 +27,11 @@ def test_figures_are_read_from_the_tagged_cell(tmp_path):
 
 
 def test_the_table_shows_each_seed_and_the_spread(tmp_path):
-    runs = {0: {"21_x": {"acc": 0.9, "n": 3}}, 1: {"21_x": {"acc": 0.96, "n": 5}},
-            2: {"21_x": {"error": "21_x.ipynb: code cell 9 failed with AssertionError"}}}
+    runs = {
+        0: {"21_x": {"acc": 0.9, "n": 3}},
+        1: {"21_x": {"acc": 0.96, "n": 5}},
+        2: {"21_x": {"error": "21_x.ipynb: code cell 9 failed with AssertionError"}},
+    }
     text = write_table(runs, tmp_path / "SEEDS.md")
     assert "| acc | 0.900 | 0.960 | - | 0.930 | 0.900 | 0.960 |" in text
     assert "| n | 3 | 5 | - | 4.000 | 3.000 | 5.000 |" in text

@@ -29,12 +29,25 @@ def test_training_learns_a_repeating_sequence_and_hooks_run():
     torch.manual_seed(0)
     ids = torch.arange(8).repeat(50)  # 0 1 2 ... 7 0 1 2 ...: perfectly predictable
     g = torch.Generator().manual_seed(0)
-    model = TinyDecoder(DecoderConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16))
+    model = TinyDecoder(
+        DecoderConfig(
+            vocab_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     calls = []
-    result = train_language_model(model, lambda: random_windows(ids, 16, 12, g), steps=60,
-                                  lr=1e-2, after_step=lambda m, s: calls.append(s),
-                                  extra_loss=lambda m: torch.zeros(()), progress=False)
+    result = train_language_model(
+        model,
+        lambda: random_windows(ids, 16, 12, g),
+        steps=60,
+        lr=1e-2,
+        after_step=lambda m, s: calls.append(s),
+        extra_loss=lambda m: torch.zeros(()),
+        progress=False,
+    )
     assert calls == list(range(60))
     assert result.losses[-1] < 0.2 < math.log(8) - 0.5 < result.losses[0]
     loss, acc = evaluate_language_model(model, lambda: random_windows(ids, 16, 12, g), 3)
@@ -43,8 +56,15 @@ def test_training_learns_a_repeating_sequence_and_hooks_run():
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    return TinyDecoder(DecoderConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=16))
+    return TinyDecoder(
+        DecoderConfig(
+            vocab_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
 
 
 def test_one_parameter_group_rule():
@@ -88,8 +108,13 @@ def test_trainer_resumes_bit_identically(tmp_path):
 def test_hooks_run_in_order_and_the_schedule_spans_the_budget():
     ids = torch.arange(8).repeat(40)
     seen = []
-    trainer = Trainer(_tiny(), lambda: random_windows(ids, 4, 8), steps=6, lr=1e-2,
-                      hooks={"after_step": lambda m, step, loss: seen.append((step, loss))})
+    trainer = Trainer(
+        _tiny(),
+        lambda: random_windows(ids, 4, 8),
+        steps=6,
+        lr=1e-2,
+        hooks={"after_step": lambda m, step, loss: seen.append((step, loss))},
+    )
     trainer.train(2, progress=False)
     trainer.train(progress=False)
     assert [s for s, _ in seen] == list(range(6))
@@ -97,15 +122,18 @@ def test_hooks_run_in_order_and_the_schedule_spans_the_budget():
     assert trainer.result.lrs == [lr_schedule(s, 6, 1e-2) for s in range(6)]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"steps": 0}, "steps must be a positive int"),
-    ({"steps": -3}, "steps must be a positive int"),
-    ({"steps": 5, "hooks": {"after_stpe": print}}, r"unknown hook name\(s\) \['after_stpe'\]"),
-    ({"steps": 5, "hooks": {"extra_loss": 3}}, "must be callable"),
-    ({"steps": 5, "lr": 0.0}, "lr must be > 0"),
-    ({"steps": 5, "grad_clip": 0.0}, "grad_clip"),
-    ({"steps": 5, "warmup_frac": 1.0}, "warmup_frac"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 0}, "steps must be a positive int"),
+        ({"steps": -3}, "steps must be a positive int"),
+        ({"steps": 5, "hooks": {"after_stpe": print}}, r"unknown hook name\(s\) \['after_stpe'\]"),
+        ({"steps": 5, "hooks": {"extra_loss": 3}}, "must be callable"),
+        ({"steps": 5, "lr": 0.0}, "lr must be > 0"),
+        ({"steps": 5, "grad_clip": 0.0}, "grad_clip"),
+        ({"steps": 5, "warmup_frac": 1.0}, "warmup_frac"),
+    ],
+)
 def test_trainer_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Trainer(_tiny(), lambda: None, **kwargs)

@@ -62,9 +62,9 @@ if "google.colab" in sys.modules:
          "Runtime > Disconnect and delete runtime, then start over.")
     sys.path.insert(0, where)'''
 # The same, for a notebook that compares with Hugging Face transformers (the reference extra).
-SETUP_CELL_REFERENCE = SETUP_CELL.replace(
-    '"-e", where]', '"-e", where + "[reference]"]').replace(
-    "install course_utils (", "install course_utils and transformers (")
+SETUP_CELL_REFERENCE = SETUP_CELL.replace('"-e", where]', '"-e", where + "[reference]"]').replace(
+    "install course_utils (", "install course_utils and transformers ("
+)
 assert SETUP_CELL_REFERENCE != SETUP_CELL
 
 
@@ -86,8 +86,9 @@ def script_to_notebook(text: str) -> nbformat.NotebookNode:
             return
         body = "\n".join(lines).strip("\n")
         if kind == "markdown":
-            body = "\n".join(ln[2:] if ln.startswith("# ") else ln.lstrip("#")
-                             for ln in body.split("\n"))
+            body = "\n".join(
+                ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in body.split("\n")
+            )
             cells.append(nbformat.v4.new_markdown_cell(body))
         else:
             cell = nbformat.v4.new_code_cell(body)
@@ -106,8 +107,11 @@ def script_to_notebook(text: str) -> nbformat.NotebookNode:
             lines.append(line)
     flush()
     nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nb.metadata["language_info"] = {"name": "python"}
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i:03d}"  # stable ids keep diffs small

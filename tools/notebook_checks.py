@@ -65,18 +65,25 @@ def hygiene_problems(path: Path, require_outputs: bool = True) -> list[str]:
             problems.append(f"{name}: first cell lacks the Colab badge pointing at {badge}")
     code = [c for c in cells if c.cell_type == "code"]
     if not code or code[0].source.strip() not in (SETUP_CELL, SETUP_CELL_REFERENCE):
-        problems.append(f"{name}: first code cell must be the Colab set-up cell exactly as "
-                        "tools/nbtool.py writes it (python tools/nbtool.py setup-cells)")
-    elif (any(_TRANSFORMERS_IMPORT.search(c.source) for c in code)
-          and code[0].source.strip() != SETUP_CELL_REFERENCE):
-        problems.append(f"{name}: imports transformers, so its Colab set-up cell must install "
-                        "course_utils[reference] (tools/nbtool.py header ... --reference)")
+        problems.append(
+            f"{name}: first code cell must be the Colab set-up cell exactly as "
+            "tools/nbtool.py writes it (python tools/nbtool.py setup-cells)"
+        )
+    elif (
+        any(_TRANSFORMERS_IMPORT.search(c.source) for c in code)
+        and code[0].source.strip() != SETUP_CELL_REFERENCE
+    ):
+        problems.append(
+            f"{name}: imports transformers, so its Colab set-up cell must install "
+            "course_utils[reference] (tools/nbtool.py header ... --reference)"
+        )
     if not any("parameters" in c.metadata.get("tags", []) for c in code):
         problems.append(f"{name}: no code cell is tagged 'parameters'")
     for i, c in enumerate(cells):
         if c.cell_type == "code" and _NOTEBOOK_IMPORT.search(c.source):
-            problems.append(f"{name}: cell {i} imports from another notebook; "
-                            "import from course_utils instead")
+            problems.append(
+                f"{name}: cell {i} imports from another notebook; import from course_utils instead"
+            )
     kernel = nb.metadata.get("kernelspec", {}).get("name")
     if kernel != KERNEL_NAME:
         problems.append(f"{name}: kernelspec name is {kernel!r}, expected {KERNEL_NAME!r}")
@@ -84,12 +91,16 @@ def hygiene_problems(path: Path, require_outputs: bool = True) -> list[str]:
         for i, c in enumerate(code):
             for out in c.get("outputs", []):
                 if out.get("output_type") == "error":
-                    problems.append(f"{name}: code cell {i} has an error output "
-                                    f"({out.get('ename')}: {out.get('evalue')})")
+                    problems.append(
+                        f"{name}: code cell {i} has an error output "
+                        f"({out.get('ename')}: {out.get('evalue')})"
+                    )
         counts = [c.get("execution_count") for c in code if c.source.strip()]
         if counts != list(range(1, len(counts) + 1)):
-            problems.append(f"{name}: code cells were not executed once, in order, from a "
-                            f"fresh kernel (execution counts {counts}); run `make execute`")
+            problems.append(
+                f"{name}: code cells were not executed once, in order, from a "
+                f"fresh kernel (execution counts {counts}); run `make execute`"
+            )
     return problems
 
 
@@ -107,8 +118,9 @@ def _first_lines(source: str | None) -> str:
     return "\n    " + "\n    ".join(source.strip().split("\n")[:3])
 
 
-def execute_notebook(path: Path, output: Path, timeout_s: int = 600,
-                     cwd: Path | None = None) -> float:
+def execute_notebook(
+    path: Path, output: Path, timeout_s: int = 600, cwd: Path | None = None
+) -> float:
     """Run ``path`` top to bottom in a fresh ``python3`` kernel (this interpreter's), working
     directory ``cwd`` (default: the notebook's folder, ``notebooks/``); write the executed copy
     to ``output`` (also when it fails, with the outputs so far). Returns seconds taken.
@@ -134,20 +146,26 @@ def execute_notebook(path: Path, output: Path, timeout_s: int = 600,
         number = 0
         cell = None
 
-        async def async_execute_cell(self, cell, cell_index, execution_count=None,
-                                     store_history=True):
+        async def async_execute_cell(
+            self, cell, cell_index, execution_count=None, store_history=True
+        ):
             if cell.cell_type == "code" and cell.source.strip():
                 self.number, self.cell = self.number + 1, cell
                 left = self.deadline - time.perf_counter()
                 if left <= 0:
                     raise CellTimeoutError(f"no time left before code cell {self.number}")
                 self.timeout = max(1, math.ceil(left))
-            return await super().async_execute_cell(cell, cell_index, execution_count,
-                                                    store_history)
+            return await super().async_execute_cell(
+                cell, cell_index, execution_count, store_history
+            )
 
     nb = nbformat.read(path, as_version=4)
-    client = BudgetClient(nb, timeout=timeout_s, kernel_name=KERNEL_NAME,
-                          resources={"metadata": {"path": str(cwd or path.parent)}})
+    client = BudgetClient(
+        nb,
+        timeout=timeout_s,
+        kernel_name=KERNEL_NAME,
+        resources={"metadata": {"path": str(cwd or path.parent)}},
+    )
     start = time.perf_counter()
     client.deadline = start + timeout_s
 
@@ -160,17 +178,22 @@ def execute_notebook(path: Path, output: Path, timeout_s: int = 600,
         spent = time.perf_counter() - start
         raise NotebookTimedOut(
             f"{path.name}: stopped at its {timeout_s} s budget ({spent:.0f} s spent), in code "
-            f"cell {client.number}{shown()}") from None
+            f"cell {client.number}{shown()}"
+        ) from None
     except CellExecutionError as err:
         ename, evalue = getattr(err, "ename", "Error"), getattr(err, "evalue", str(err))
-        raise NotebookFailed(f"{path.name}: code cell {client.number} failed with {ename}: "
-                             f"{evalue}{shown()}") from None
+        raise NotebookFailed(
+            f"{path.name}: code cell {client.number} failed with {ename}: {evalue}{shown()}"
+        ) from None
     except DeadKernelError as err:
-        raise NotebookFailed(f"{path.name}: the kernel died in code cell {client.number} ({err})"
-                             f"{shown()}") from None
+        raise NotebookFailed(
+            f"{path.name}: the kernel died in code cell {client.number} ({err}){shown()}"
+        ) from None
     except Exception as err:
-        raise HarnessError(f"{path.name}: the notebook harness failed ({type(err).__name__}: "
-                           f"{err}); this is not an error in the notebook") from err
+        raise HarnessError(
+            f"{path.name}: the notebook harness failed ({type(err).__name__}: "
+            f"{err}); this is not an error in the notebook"
+        ) from err
     finally:
         nbformat.write(nb, output)
     return time.perf_counter() - start
@@ -208,7 +231,8 @@ def record_timing(name: str, seconds: float) -> None:
     from course_utils import runtime
 
     key = {("cpu", "default"): "cpu", ("cuda", "gpu"): "cuda"}.get(
-        (runtime.get_device().type, runtime.scale()))
+        (runtime.get_device().type, runtime.scale())
+    )
     if key is None:
         return
     data = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
@@ -227,15 +251,20 @@ def main(argv: list[str]) -> None:
     paths = [Path(p) for p in argv[1:]] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     missing = [str(p) for p in paths if not p.is_file() or p.suffix != ".ipynb"]
     if missing:
-        sys.exit(f"no such notebook: {' '.join(missing)}; nothing was executed (NB= takes paths "
-                 "or a pattern such as notebooks/07_*.ipynb)")
+        sys.exit(
+            f"no such notebook: {' '.join(missing)}; nothing was executed (NB= takes paths "
+            "or a pattern such as notebooks/07_*.ipynb)"
+        )
     for path in paths:
         seconds = execute_notebook(path, path, timeout_s=1800)
         strip_volatile_metadata(path)
         record_timing(path.stem, seconds)
         problems = hygiene_problems(path)
-        print(f"{path.name}: executed in {seconds:.1f} s" + ("" if not problems else
-              "\n  " + "\n  ".join(problems)), flush=True)
+        print(
+            f"{path.name}: executed in {seconds:.1f} s"
+            + ("" if not problems else "\n  " + "\n  ".join(problems)),
+            flush=True,
+        )
     import course_table  # tools/, beside this file: README's table shows the new timings
 
     course_table.main()

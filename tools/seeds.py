@@ -41,9 +41,15 @@ TABLE = NOTEBOOKS / "SEEDS.md"
 #: The raw figures behind the table; a later run updates the (seed, notebook) pairs it ran.
 RAW = SEEDS_FILE
 #: Notebooks whose claims rest on training, in the order a seed runs them (22 loads 21's model).
-DEFAULT_NOTEBOOKS = ("08_multi_query_attention", "09_grouped_query_attention",
-                     "18_balancing_the_experts", "19_multi_token_prediction", "21_mini_deepseek",
-                     "22_grpo", "23_distillation")
+DEFAULT_NOTEBOOKS = (
+    "08_multi_query_attention",
+    "09_grouped_query_attention",
+    "18_balancing_the_experts",
+    "19_multi_token_prediction",
+    "21_mini_deepseek",
+    "22_grpo",
+    "23_distillation",
+)
 FIGURES_PREFIX = "FIGURES "
 #: Parameters set besides ``seed``: the comparisons a notebook skips by default to stay fast.
 EXTRA_PARAMETERS: dict[str, str] = {"21_mini_deepseek": "compare_dense = True"}
@@ -59,7 +65,7 @@ def figures_of(executed: Path) -> dict[str, float]:
         for out in cell.get("outputs", []):
             for line in out.get("text", "").splitlines():
                 if line.startswith(FIGURES_PREFIX):
-                    return json.loads(line[len(FIGURES_PREFIX):])
+                    return json.loads(line[len(FIGURES_PREFIX) :])
     raise ValueError(f"{executed.name} has no cell tagged 'figures' printing {FIGURES_PREFIX!r}")
 
 
@@ -99,12 +105,16 @@ def run_seed(seed: int, notebooks: list[str], keep: Path) -> dict[str, dict]:
 
 def write_table(runs: dict[int, dict[str, dict]], path: Path = TABLE) -> str:
     seeds = sorted(runs)
-    lines = ["# Training claims over seeds", "",
-             "Written by `make seeds` (`tools/seeds.py`): each training notebook executed top to "
-             "bottom at the default scale with `seed` set in its parameters cell, one CPU thread "
-             "per notebook. Every assert of the notebook ran; the figures are what its cell "
-             "tagged `figures` printed. A notebook's asserts hold for every seed listed here "
-             "unless a row says FAILED.", ""]
+    lines = [
+        "# Training claims over seeds",
+        "",
+        "Written by `make seeds` (`tools/seeds.py`): each training notebook executed top to "
+        "bottom at the default scale with `seed` set in its parameters cell, one CPU thread "
+        "per notebook. Every assert of the notebook ran; the figures are what its cell "
+        "tagged `figures` printed. A notebook's asserts hold for every seed listed here "
+        "unless a row says FAILED.",
+        "",
+    ]
     names = sorted({n for r in runs.values() for n in r})
     for name in names:
         lines += [f"## {name}", ""]
@@ -118,10 +128,15 @@ def write_table(runs: dict[int, dict[str, dict]], path: Path = TABLE) -> str:
         for k in keys:
             values = [runs[s].get(name, {}).get(k) for s in seeds]
             shown = [v for v in values if isinstance(v, (int, float))]
-            cells = [f"{v:.3f}" if isinstance(v, float) else str(v) if v is not None else "-"
-                     for v in values]
-            stats = ([f"{statistics.mean(shown):.3f}", f"{min(shown):.3f}", f"{max(shown):.3f}"]
-                     if shown else ["-", "-", "-"])
+            cells = [
+                f"{v:.3f}" if isinstance(v, float) else str(v) if v is not None else "-"
+                for v in values
+            ]
+            stats = (
+                [f"{statistics.mean(shown):.3f}", f"{min(shown):.3f}", f"{max(shown):.3f}"]
+                if shown
+                else ["-", "-", "-"]
+            )
             lines.append(f"| {k} | " + " | ".join(cells + stats) + " |")
         errors = [(s, runs[s][name]["error"]) for s in seeds if "error" in runs[s].get(name, {})]
         for s, err in errors:
@@ -143,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no notebook notebooks/{name}.ipynb")
     os.environ["COURSE_THREADS"] = "1"  # the kernels inherit it: no contention between jobs
     os.environ.setdefault("COURSE_SCALE", "default")
-    artifacts = Path(os.environ.setdefault("COURSE_ARTIFACTS",
-                                           str(ROOT / "artifacts" / "seeds")))
+    artifacts = Path(os.environ.setdefault("COURSE_ARTIFACTS", str(ROOT / "artifacts" / "seeds")))
     keep = artifacts / "executed"  # the executed copies, to read what a failing seed printed
     keep.mkdir(parents=True, exist_ok=True)
     runs = load_runs()
@@ -165,8 +179,9 @@ def load_runs(path: Path = RAW) -> dict[int, dict[str, dict]]:
 
 
 def save_runs(runs: dict[int, dict[str, dict]], path: Path = RAW) -> None:
-    path.write_text(json.dumps({str(s): runs[s] for s in sorted(runs)}, indent=1,
-                               sort_keys=True) + "\n")
+    path.write_text(
+        json.dumps({str(s): runs[s] for s in sorted(runs)}, indent=1, sort_keys=True) + "\n"
+    )
 
 
 if __name__ == "__main__":

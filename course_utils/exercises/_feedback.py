@@ -63,17 +63,19 @@ def compare_tensors(got: Any, want: torch.Tensor, what: str, atol: float = 1e-5)
     if not isinstance(got, torch.Tensor):
         return Feedback(False, f"{what} should return a torch.Tensor, got {type(got).__name__}")
     if got.shape != want.shape:
-        return Feedback(False, f"{what} returned shape {tuple(got.shape)}, expected "
-                               f"{tuple(want.shape)}")
+        return Feedback(
+            False, f"{what} returned shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        )
     got = got.detach().float().cpu()
     same_inf = torch.equal(torch.isinf(got), torch.isinf(want))
     finite = ~torch.isinf(want)
     if not same_inf:
-        return Feedback(False, f"{what} removes a different set of tokens than it should "
-                               "(compare which entries are -inf)")
+        return Feedback(
+            False,
+            f"{what} removes a different set of tokens than it should "
+            "(compare which entries are -inf)",
+        )
     if not torch.allclose(got[finite], want[finite], atol=atol):
         err = (got[finite] - want[finite]).abs().max().item()
         return Feedback(False, f"{what} is off by up to {err:.3g} from the right values")
     return None
-
-

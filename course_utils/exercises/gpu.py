@@ -39,8 +39,10 @@ def check_matmul_intensity(fn: Callable[[int, int, int, int], float] | None) -> 
     """Exercise 24.1: ``fn(m, n, k, dtype_bytes)`` returns the FLOPs per byte of C = A @ B with
     A (m, k), B (k, n), C (m, n): a multiply-add is 2 FLOPs; A and B are read once and C
     written once, at ``dtype_bytes`` per element."""
-    hint = ("write matmul_intensity(m, n, k, dtype_bytes): 2*m*n*k FLOPs divided by the bytes "
-            "of A, B and C")
+    hint = (
+        "write matmul_intensity(m, n, k, dtype_bytes): 2*m*n*k FLOPs divided by the bytes "
+        "of A, B and C"
+    )
     for m, n, k, b in _GEMMS:
         got, fb = call_learner(fn, hint, m, n, k, b)
         if fb is not None:
@@ -53,35 +55,48 @@ def check_matmul_intensity(fn: Callable[[int, int, int, int], float] | None) -> 
         if _close(value, want.flops_per_byte):
             continue
         if _close(value, want.flops_per_byte / 2):
-            return Feedback(False, "half the right value: a multiply-add is 2 FLOPs, so the "
-                                   "matmul does 2*m*n*k, not m*n*k")
+            return Feedback(
+                False,
+                "half the right value: a multiply-add is 2 FLOPs, so the "
+                "matmul does 2*m*n*k, not m*n*k",
+            )
         if _close(value, flops / (b * (m * k + k * n))):
-            return Feedback(False, "you left out writing C: the output (m*n elements) goes to "
-                                   "memory too")
+            return Feedback(
+                False, "you left out writing C: the output (m*n elements) goes to memory too"
+            )
         if b != 1 and _close(value, flops / elements):
-            return Feedback(False, "that is FLOPs per element; multiply the elements by "
-                                   "dtype_bytes to get bytes")
+            return Feedback(
+                False,
+                "that is FLOPs per element; multiply the elements by dtype_bytes to get bytes",
+            )
         if _close(value, flops):
             return Feedback(False, "that is the FLOP count; divide it by the bytes moved")
-        return Feedback(False, f"matmul_intensity({m}, {n}, {k}, {b}) = {value:.4g}, expected "
-                               f"{want.flops_per_byte:.4g} FLOPs/byte")
+        return Feedback(
+            False,
+            f"matmul_intensity({m}, {n}, {k}, {b}) = {value:.4g}, expected "
+            f"{want.flops_per_byte:.4g} FLOPs/byte",
+        )
     vec = gemm_intensity(1, 4096, 4096).flops_per_byte
-    return Feedback(True, f"a matrix-vector product (m = 1) does about 1 FLOP per byte "
-                          f"({vec:.2f}) while a 512-cube matmul does hundreds: reuse is intensity")
+    return Feedback(
+        True,
+        f"a matrix-vector product (m = 1) does about 1 FLOP per byte "
+        f"({vec:.2f}) while a 512-cube matmul does hundreds: reuse is intensity",
+    )
 
 
 # -- 24.2 the roofline -----------------------------------------------------------------------
 
-_MACHINES = [(1.0, 100e12, 2e12), (50.0, 100e12, 2e12), (200.0, 100e12, 2e12),
-             (0.25, 1e11, 2e10)]
+_MACHINES = [(1.0, 100e12, 2e12), (50.0, 100e12, 2e12), (200.0, 100e12, 2e12), (0.25, 1e11, 2e10)]
 
 
 def check_attainable_flops(fn: Callable[[float, float, float], float] | None) -> Feedback:
     """Exercise 24.2: ``fn(intensity, peak_flops, bandwidth)`` returns the FLOP/s a roofline
     allows an operation of that intensity (FLOPs/byte) on a machine with that peak (FLOP/s)
     and memory bandwidth (bytes/s)."""
-    hint = ("write attainable(intensity, peak_flops, bandwidth): the lower of the compute roof "
-            "and intensity * bandwidth")
+    hint = (
+        "write attainable(intensity, peak_flops, bandwidth): the lower of the compute roof "
+        "and intensity * bandwidth"
+    )
     for intensity, peak, bw in _MACHINES:
         got, fb = call_learner(fn, hint, intensity, peak, bw)
         if fb is not None:
@@ -93,18 +108,32 @@ def check_attainable_flops(fn: Callable[[float, float, float], float] | None) ->
         if _close(value, want):
             continue
         if _close(value, min(peak, intensity / bw)) or _close(value, min(peak, bw / intensity)):
-            return Feedback(False, "check the units: FLOPs/byte times bytes/s gives FLOP/s, so "
-                                   "multiply intensity by bandwidth")
+            return Feedback(
+                False,
+                "check the units: FLOPs/byte times bytes/s gives FLOP/s, so "
+                "multiply intensity by bandwidth",
+            )
         if _close(value, intensity * bw):
-            return Feedback(False, "past the ridge point the compute peak caps it: take the "
-                                   "minimum with peak_flops")
+            return Feedback(
+                False,
+                "past the ridge point the compute peak caps it: take the minimum with peak_flops",
+            )
         if _close(value, max(peak, intensity * bw)):
-            return Feedback(False, "you took the higher roof; an operation is held back by "
-                                   "whichever runs out first, so take the minimum")
-        return Feedback(False, f"attainable({intensity}, {peak:.3g}, {bw:.3g}) = {value:.4g}, "
-                               f"expected {want:.4g} FLOP/s")
-    return Feedback(True, "below the ridge point (peak / bandwidth = 50 FLOPs/byte on the first "
-                          "machine) memory sets the speed; above it, arithmetic does")
+            return Feedback(
+                False,
+                "you took the higher roof; an operation is held back by "
+                "whichever runs out first, so take the minimum",
+            )
+        return Feedback(
+            False,
+            f"attainable({intensity}, {peak:.3g}, {bw:.3g}) = {value:.4g}, "
+            f"expected {want:.4g} FLOP/s",
+        )
+    return Feedback(
+        True,
+        "below the ridge point (peak / bandwidth = 50 FLOPs/byte on the first "
+        "machine) memory sets the speed; above it, arithmetic does",
+    )
 
 
 # -- 24.3 one step of the online softmax -----------------------------------------------------
@@ -117,11 +146,12 @@ def _stream(seed: int) -> Tensor:
     return x
 
 
-def _run_stream(fn: Callable[..., Any], x: Tensor, block: int, hint: str
-                ) -> tuple[Tensor, Tensor] | Feedback:
+def _run_stream(
+    fn: Callable[..., Any], x: Tensor, block: int, hint: str
+) -> tuple[Tensor, Tensor] | Feedback:
     m, l = torch.tensor(float("-inf")), torch.tensor(0.0)
     for start in range(0, x.numel(), block):
-        got, fb = call_learner(fn, hint, m.clone(), l.clone(), x[start:start + block].clone())
+        got, fb = call_learner(fn, hint, m.clone(), l.clone(), x[start : start + block].clone())
         if fb is not None:
             return fb
         if not (isinstance(got, tuple) and len(got) == 2):
@@ -140,8 +170,10 @@ def check_online_softmax_step(
     so far (-inf at the start), l the sum of exp(x - m) over them (0 at the start), ``block`` a
     1-D tensor of new numbers. Fed a stream block by block, the final (m, l) must give
     softmax(x) = exp(x - m) / l."""
-    hint = ("write online_softmax_step(m, l, block): m_new = max(m, block.max()); rescale the "
-            "old sum by exp(m - m_new) and add exp(block - m_new).sum()")
+    hint = (
+        "write online_softmax_step(m, l, block): m_new = max(m, block.max()); rescale the "
+        "old sum by exp(m - m_new) and add exp(block - m_new).sum()"
+    )
     for seed, block in ((0, 5), (1, 4), (2, 1)):
         x = _stream(seed)
         result = _run_stream(fn, x, block, hint)
@@ -151,26 +183,38 @@ def check_online_softmax_step(
         want_m = x.max()
         want_l = torch.exp(x - want_m).sum()
         if not torch.isclose(m, want_m):
-            return Feedback(False, f"m should end as the stream's max {want_m.item():.4g}, got "
-                                   f"{m.item():.4g}")
+            return Feedback(
+                False, f"m should end as the stream's max {want_m.item():.4g}, got {m.item():.4g}"
+            )
         if not torch.isfinite(m) or not torch.isfinite(l):
-            return Feedback(False, f"after the stream m = {m.item()}, l = {l.item()}: not finite "
-                                   "(is the rescale factor exp(m - m_new), which is at most 1?)")
+            return Feedback(
+                False,
+                f"after the stream m = {m.item()}, l = {l.item()}: not finite "
+                "(is the rescale factor exp(m - m_new), which is at most 1?)",
+            )
         if not torch.isclose(l, want_l, rtol=1e-5):
             # What the usual mistake gives: the old sum added without rescaling.
             m_, l_ = torch.tensor(float("-inf")), torch.tensor(0.0)
             for start in range(0, x.numel(), block):
-                b = x[start:start + block]
+                b = x[start : start + block]
                 m_ = torch.maximum(m_, b.max())
                 l_ = l_ + torch.exp(b - m_).sum()
             if torch.isclose(l, l_, rtol=1e-5):
-                return Feedback(False, "when a block raises the max, the old sum was computed "
-                                       "against the old max: multiply it by exp(m - m_new) "
-                                       "before adding the new block")
-            return Feedback(False, f"l should end as sum(exp(x - max)) = {want_l.item():.5g}, "
-                                   f"got {l.item():.5g}")
+                return Feedback(
+                    False,
+                    "when a block raises the max, the old sum was computed "
+                    "against the old max: multiply it by exp(m - m_new) "
+                    "before adding the new block",
+                )
+            return Feedback(
+                False,
+                f"l should end as sum(exp(x - max)) = {want_l.item():.5g}, got {l.item():.5g}",
+            )
         softmax = torch.exp(x - m) / l
         if not torch.allclose(softmax, torch.softmax(x, 0), atol=1e-6):
             return Feedback(False, "exp(x - m) / l does not match torch.softmax")
-    return Feedback(True, "a running max and a rescaled running sum: softmax in one pass over "
-                          "blocks, the heart of tiled (flash) attention")
+    return Feedback(
+        True,
+        "a running max and a rescaled running sum: softmax in one pass over "
+        "blocks, the heart of tiled (flash) attention",
+    )

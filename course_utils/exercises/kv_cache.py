@@ -29,9 +29,14 @@ def _causal_weights(h: int = 3, t: int = 6, seed: int = 0) -> Tensor:
     """Random causal attention weights (h, t, t): each row a distribution over keys 0..i."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(h, t, t, generator=g) * 2
-    return scaled_dot_product_attention(scores, torch.eye(t).expand(h, t, t),
-                                        torch.eye(t).expand(h, t, t), is_causal=True,
-                                        scale=1.0, return_weights=True)[1]
+    return scaled_dot_product_attention(
+        scores,
+        torch.eye(t).expand(h, t, t),
+        torch.eye(t).expand(h, t, t),
+        is_causal=True,
+        scale=1.0,
+        return_weights=True,
+    )[1]
 
 
 # -- 05 multi-head attention, visually ------------------------------------------------------
@@ -51,8 +56,10 @@ def attention_entropy(weights: Tensor) -> Tensor:
 def check_offset_attention(fn: Callable[[Tensor, int], Tensor] | None) -> Feedback:
     """Exercise 05.1: ``fn(weights, k)`` with weights (heads, t, t) returns, per head, the mean
     attention a query gives the token k places before it (k = 1: the previous token)."""
-    hint = ("write offset_score(weights, k) that averages weights[h, i, i - k] over "
-            "i = k .. t-1 for each head h")
+    hint = (
+        "write offset_score(weights, k) that averages weights[h, i, i - k] over "
+        "i = k .. t-1 for each head h"
+    )
     w = _causal_weights(t=7)
     for k in (1, 2, 3):
         got, fb = call_learner(fn, hint, w.clone(), k)
@@ -60,24 +67,33 @@ def check_offset_attention(fn: Callable[[Tensor, int], Tensor] | None) -> Feedba
             return fb
         if isinstance(got, Tensor) and got.shape == (w.shape[0],):
             if torch.allclose(got.float(), w.diagonal(offset=k, dim1=-2, dim2=-1).mean(-1)):
-                return Feedback(False, f"offset +{k} is {k} tokens in the FUTURE, which the "
-                                       f"causal mask hides (always 0); use offset -{k}")
+                return Feedback(
+                    False,
+                    f"offset +{k} is {k} tokens in the FUTURE, which the "
+                    f"causal mask hides (always 0); use offset -{k}",
+                )
             sub = w.diagonal(offset=-k, dim1=-2, dim2=-1)
             if torch.allclose(got.float(), sub.sum(-1) / w.shape[-1], atol=1e-6):
-                return Feedback(False, f"you divided by all t queries; the first {k} have no "
-                                       f"token {k} back, so average over the t - {k} that do")
+                return Feedback(
+                    False,
+                    f"you divided by all t queries; the first {k} have no "
+                    f"token {k} back, so average over the t - {k} that do",
+                )
         bad = compare_tensors(got, offset_attention(w, k), f"offset_score(weights, {k})")
         if bad is not None:
             return bad
-    return Feedback(True, "the k-th diagonal below the main one, averaged: k = 1 finds "
-                          "'previous-token heads'")
+    return Feedback(
+        True, "the k-th diagonal below the main one, averaged: k = 1 finds 'previous-token heads'"
+    )
 
 
 def check_attention_entropy(fn: Callable[[Tensor], Tensor] | None) -> Feedback:
     """Exercise 05.2: ``fn(weights)`` returns each head's mean entropy in nats over the rows of
     queries 1..t-1 (query 0 has one choice, entropy 0), with 0 * log 0 taken as 0."""
-    hint = ("write attention_entropy(weights): -(w * log w).sum(-1) per row, 0 log 0 = 0, "
-            "averaged over queries 1 .. t-1")
+    hint = (
+        "write attention_entropy(weights): -(w * log w).sum(-1) per row, 0 log 0 = 0, "
+        "averaged over queries 1 .. t-1"
+    )
     w = _causal_weights(seed=1)
     got, fb = call_learner(fn, hint, w.clone())
     if fb is not None:
@@ -86,36 +102,67 @@ def check_attention_entropy(fn: Callable[[Tensor], Tensor] | None) -> Feedback:
     if isinstance(got, Tensor) and got.shape == want.shape:
         got = got.detach().float().cpu()
         if torch.isnan(got).any():
-            return Feedback(False, "you got nan: the masked weights are 0 and 0 * log 0 is nan "
-                                   "in floating point; treat it as 0 (torch.special.xlogy)")
+            return Feedback(
+                False,
+                "you got nan: the masked weights are 0 and 0 * log 0 is nan "
+                "in floating point; treat it as 0 (torch.special.xlogy)",
+            )
         all_rows = -torch.special.xlogy(w, w).sum(-1).mean(-1)
         if torch.allclose(got, all_rows, atol=1e-5):
-            return Feedback(False, "you included query 0, whose entropy is always 0; average "
-                                   "over queries 1 .. t-1")
+            return Feedback(
+                False,
+                "you included query 0, whose entropy is always 0; average over queries 1 .. t-1",
+            )
         if torch.allclose(got, want / torch.log(torch.tensor(2.0)), atol=1e-5):
             return Feedback(False, "that is in bits (log2); use the natural log (nats)")
     bad = compare_tensors(got, want, "attention_entropy(weights)")
     if bad is not None:
         return bad
-    return Feedback(True, "low entropy = a focused head (one token gets most weight); high = a "
-                          "head that averages over many tokens")
+    return Feedback(
+        True,
+        "low entropy = a focused head (one token gets most weight); high = a "
+        "head that averages over many tokens",
+    )
 
 
 # -- 07 KV cache -----------------------------------------------------------------------------
 
 _CONFIGS = [
     # (config, seq_len, batch, bytes per element); GQA first so query-heads mistakes show
-    ({"num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
-      "hidden_size": 256}, 1000, 3, 4),
-    ({"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-      "hidden_size": 64}, 77, 1, 2),
+    (
+        {
+            "num_hidden_layers": 6,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "hidden_size": 256,
+        },
+        1000,
+        3,
+        4,
+    ),
+    (
+        {
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "hidden_size": 64,
+        },
+        77,
+        1,
+        2,
+    ),
 ]
 
 
 def _config_bytes(c: dict, seq: int, batch: int, elem: int, **change: int) -> int:
-    args = {"num_layers": c["num_hidden_layers"], "num_kv_heads": c["num_key_value_heads"],
-            "head_dim": c["hidden_size"] // c["num_attention_heads"], "seq_len": seq,
-            "batch_size": batch, "bytes_per_element": elem}
+    args = {
+        "num_layers": c["num_hidden_layers"],
+        "num_kv_heads": c["num_key_value_heads"],
+        "head_dim": c["hidden_size"] // c["num_attention_heads"],
+        "seq_len": seq,
+        "batch_size": batch,
+        "bytes_per_element": elem,
+    }
     args.update(change)
     return kv_cache_bytes(**args)
 
@@ -124,8 +171,10 @@ def check_kv_cache_bytes(fn: Callable[[dict, int, int, int], Any] | None) -> Fee
     """Exercise 07.1: ``fn(config, seq_len, batch_size, bytes_per_element)`` returns the bytes
     of the K/V cache of a model described by a Hugging Face style config dict
     (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``hidden_size``)."""
-    hint = ("write cache_bytes(config, seq_len, batch_size, bytes_per_element) from the config "
-            "keys; head_dim = hidden_size // num_attention_heads")
+    hint = (
+        "write cache_bytes(config, seq_len, batch_size, bytes_per_element) from the config "
+        "keys; head_dim = hidden_size // num_attention_heads"
+    )
     for c, seq, batch, elem in _CONFIGS:
         got, fb = call_learner(fn, hint, dict(c), seq, batch, elem)
         if fb is not None:
@@ -139,20 +188,30 @@ def check_kv_cache_bytes(fn: Callable[[dict, int, int, int], Any] | None) -> Fee
             continue
         mistakes = [
             (want // 2, "that is half: the cache stores keys AND values (a factor 2)"),
-            (want // c["num_hidden_layers"],
-             "that is one layer's cache; every layer keeps its own K and V"),
-            (_config_bytes(c, seq, batch, elem, num_kv_heads=c["num_attention_heads"]),
-             "you used num_attention_heads; only the num_key_value_heads K/V heads are cached"),
+            (
+                want // c["num_hidden_layers"],
+                "that is one layer's cache; every layer keeps its own K and V",
+            ),
+            (
+                _config_bytes(c, seq, batch, elem, num_kv_heads=c["num_attention_heads"]),
+                "you used num_attention_heads; only the num_key_value_heads K/V heads are cached",
+            ),
             (want // elem, "that counts elements; multiply by bytes_per_element for bytes"),
             (want // batch, "that is one sequence; each of the batch_size sequences has a cache"),
         ]
         for value, why in mistakes:
             if got_int == value:
                 return Feedback(False, why)
-        return Feedback(False, f"for {c} with seq_len={seq}, batch_size={batch}, "
-                               f"bytes_per_element={elem} you got {got_int:,}, expected {want:,}")
-    return Feedback(True, "2 (K and V) x layers x KV heads x head_dim x tokens x batch x bytes: "
-                          "the cache grows linearly with context and batch")
+        return Feedback(
+            False,
+            f"for {c} with seq_len={seq}, batch_size={batch}, "
+            f"bytes_per_element={elem} you got {got_int:,}, expected {want:,}",
+        )
+    return Feedback(
+        True,
+        "2 (K and V) x layers x KV heads x head_dim x tokens x batch x bytes: "
+        "the cache grows linearly with context and batch",
+    )
 
 
 def check_cached_decode_step(
@@ -164,8 +223,10 @@ def check_cached_decode_step(
     k_past, v_past (b, h, s, head_dim). Returns (out (b, 1, d_model), k_all, v_all) where k_all,
     v_all (b, h, s + 1, head_dim) are the caches with the new token appended.
     """
-    hint = ("write decode_step(attn, x_new, k_past, v_past): project x_new, append its k/v to "
-            "the caches, attend over all of them, apply o_proj")
+    hint = (
+        "write decode_step(attn, x_new, k_past, v_past): project x_new, append its k/v to "
+        "the caches, attend over all of them, apply o_proj"
+    )
     torch.manual_seed(11)
     attn = MultiHeadAttention(16, 4).eval()
     x = torch.randn(2, 6, 16)
@@ -189,18 +250,26 @@ def check_cached_decode_step(
             q = attn._split(attn.q_proj(x[:, 5:]), 4)
             unscaled = scaled_dot_product_attention(q, k_all, v_all, scale=1.0)
             past_only = scaled_dot_product_attention(q, k_past, v_past)
-            variants = {"unscaled": attn.o_proj(unscaled.transpose(1, 2).reshape(2, 1, 16)),
-                        "past": attn.o_proj(past_only.transpose(1, 2).reshape(2, 1, 16))}
+            variants = {
+                "unscaled": attn.o_proj(unscaled.transpose(1, 2).reshape(2, 1, 16)),
+                "past": attn.o_proj(past_only.transpose(1, 2).reshape(2, 1, 16)),
+            }
         if torch.allclose(out.float(), variants["unscaled"], atol=1e-5):
             return Feedback(False, "the scores need the 1/sqrt(head_dim) scale, as in training")
         if torch.allclose(out.float(), variants["past"], atol=1e-5):
-            return Feedback(False, "the new token must also attend to itself: append its k/v "
-                                   "to the cache before attending")
+            return Feedback(
+                False,
+                "the new token must also attend to itself: append its k/v "
+                "to the cache before attending",
+            )
     bad = compare_tensors(out, want, "out", atol=1e-5)
     if bad is not None:
         return bad
-    return Feedback(True, "one new query against every cached key plus its own: the same "
-                          "output as re-running the whole sequence, for 1/t of the work")
+    return Feedback(
+        True,
+        "one new query against every cached key plus its own: the same "
+        "output as re-running the whole sequence, for 1/t of the work",
+    )
 
 
 # -- 08 multi-query attention ----------------------------------------------------------------
@@ -211,13 +280,17 @@ def check_mqa_attention(fn: Callable[[Tensor, Tensor, Tensor], Any] | None) -> F
     (b, 1, t, d) returns causal attention (b, h, t, d), every query head using the same K/V."""
     hint = "write mqa(q, k, v): softmax(q @ k^T / sqrt(d) + causal mask) @ v, broadcasting k, v"
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g),
-               torch.randn(2, 1, 5, 8, generator=g))
+    q, k, v = (
+        torch.randn(2, 4, 5, 8, generator=g),
+        torch.randn(2, 1, 5, 8, generator=g),
+        torch.randn(2, 1, 5, 8, generator=g),
+    )
     got, fb = call_learner(fn, hint, q.clone(), k.clone(), v.clone())
     if fb is not None:
         return fb
-    want = torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q),
-                                                            is_causal=True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.expand_as(q), v.expand_as(q), is_causal=True
+    )
     if isinstance(got, Tensor) and got.shape == want.shape:
         no_mask = scaled_dot_product_attention(q, k, v)
         if torch.allclose(got.float(), no_mask, atol=1e-5):
@@ -232,8 +305,10 @@ def check_mqa_cache_gib(answer: tuple[float, float] | None) -> Feedback:
     """Exercise 08.2: GiB of fp16 K/V cache for a Llama-2-7B-shaped model (32 layers, 32 heads
     of 128), batch 8, 4096 tokens, as ``(with MHA, with MQA)``."""
     if answer is None:
-        return not_attempted("compute (mha_gib, mqa_gib) with 2 x layers x kv_heads x head_dim x "
-                             "tokens x batch x 2 bytes / 2**30")
+        return not_attempted(
+            "compute (mha_gib, mqa_gib) with 2 x layers x kv_heads x head_dim x "
+            "tokens x batch x 2 bytes / 2**30"
+        )
     want_mha = kv_cache_bytes(32, 32, 128, 4096, 8, 2) / 2**30
     want_mqa = kv_cache_bytes(32, 1, 128, 4096, 8, 2) / 2**30
     try:
@@ -241,17 +316,22 @@ def check_mqa_cache_gib(answer: tuple[float, float] | None) -> Feedback:
     except (TypeError, ValueError):
         return Feedback(False, f"answer with a pair of numbers (mha_gib, mqa_gib), got {answer!r}")
     if math.isclose(mha, want_mha, rel_tol=1e-3) and math.isclose(mqa, want_mqa, rel_tol=1e-3):
-        return Feedback(True, f"{want_mha:.0f} GiB with MHA (more than the fp16 weights), "
-                              f"{want_mqa:.1f} GiB with MQA: 32x less, one K/V head per layer")
+        return Feedback(
+            True,
+            f"{want_mha:.0f} GiB with MHA (more than the fp16 weights), "
+            f"{want_mqa:.1f} GiB with MQA: 32x less, one K/V head per layer",
+        )
     if math.isclose(mha, want_mha / 2, rel_tol=1e-3):
         return Feedback(False, "your MHA number is half: count K and V")
     if math.isclose(mha, want_mha * 2**30 / 1e9, rel_tol=1e-3):
         return Feedback(False, "that is GB (10**9 bytes); the question asks GiB (2**30 bytes)")
     if math.isclose(mqa, want_mha, rel_tol=1e-3) or math.isclose(mqa, want_mha / 32 / 32):
-        return Feedback(False, "MQA keeps one K/V head per layer: 32x less than MHA, not the "
-                               "same and not 1024x")
-    return Feedback(False, f"({mha}, {mqa}) is not it: compute bytes with the formula and "
-                           "divide by 2**30")
+        return Feedback(
+            False, "MQA keeps one K/V head per layer: 32x less than MHA, not the same and not 1024x"
+        )
+    return Feedback(
+        False, f"({mha}, {mqa}) is not it: compute bytes with the formula and divide by 2**30"
+    )
 
 
 # -- 09 grouped-query attention --------------------------------------------------------------
@@ -274,13 +354,22 @@ def check_query_heads_of_kv_head(fn: Callable[[int, int, int], Any] | None) -> F
         if got_list == want:
             continue
         if got_list == list(range(j, n_heads, n_kv)):
-            return Feedback(False, f"that is the interleaved layout (every {n_kv}-th head); "
-                                   "here a KV head serves a contiguous block of query heads: "
-                                   "head i reads KV head i // (n_heads // n_kv_heads)")
-        return Feedback(False, f"with n_heads={n_heads}, n_kv_heads={n_kv}, KV head {j} serves "
-                               f"{len(want)} query heads; you returned {got_list}")
-    return Feedback(True, "query head i reads KV head i // group: each KV head serves a block "
-                          "of `group` consecutive query heads")
+            return Feedback(
+                False,
+                f"that is the interleaved layout (every {n_kv}-th head); "
+                "here a KV head serves a contiguous block of query heads: "
+                "head i reads KV head i // (n_heads // n_kv_heads)",
+            )
+        return Feedback(
+            False,
+            f"with n_heads={n_heads}, n_kv_heads={n_kv}, KV head {j} serves "
+            f"{len(want)} query heads; you returned {got_list}",
+        )
+    return Feedback(
+        True,
+        "query head i reads KV head i // group: each KV head serves a block "
+        "of `group` consecutive query heads",
+    )
 
 
 def check_expand_kv_weight(fn: Callable[[Tensor, int, int], Any] | None) -> Feedback:
@@ -298,14 +387,23 @@ def check_expand_kv_weight(fn: Callable[[Tensor, int, int], Any] | None) -> Feed
     if isinstance(got, Tensor) and got.shape == want.shape:
         tiled = w.repeat(n_heads // n_kv, 1)
         if torch.allclose(got.float(), tiled):
-            return Feedback(False, "you tiled the whole weight (heads 0,1,0,1,...); query heads "
-                                   "0..3 share KV head 0, so repeat each head's block in place "
-                                   "(repeat_interleave over the head axis)")
+            return Feedback(
+                False,
+                "you tiled the whole weight (heads 0,1,0,1,...); query heads "
+                "0..3 share KV head 0, so repeat each head's block in place "
+                "(repeat_interleave over the head axis)",
+            )
         if torch.allclose(got.float(), w.repeat_interleave(n_heads // n_kv, dim=0)):
-            return Feedback(False, "you repeated single rows; repeat whole blocks of head_dim "
-                                   "rows (view as (n_kv_heads, head_dim, d_model) first)")
+            return Feedback(
+                False,
+                "you repeated single rows; repeat whole blocks of head_dim "
+                "rows (view as (n_kv_heads, head_dim, d_model) first)",
+            )
     bad = compare_tensors(got, want, "expand_kv_weight(w, 8, 2)")
     if bad is not None:
         return bad
-    return Feedback(True, "each KV head's block repeated for its group: GQA is MHA whose "
-                          "heads in a group are forced to share K and V")
+    return Feedback(
+        True,
+        "each KV head's block repeated for its group: GQA is MHA whose "
+        "heads in a group are forced to share K and V",
+    )

@@ -64,11 +64,12 @@ def check_kv_bytes_per_token(fn: Callable[[int, int, int, int], float] | None) -
         if got == want / 2:
             return Feedback(False, "the cache holds keys AND values: count both (a factor 2)")
         if got == want / layers:
-            return Feedback(False, "that is one layer; every layer keeps its own cache, so "
-                                   "multiply by num_layers")
+            return Feedback(
+                False,
+                "that is one layer; every layer keeps its own cache, so multiply by num_layers",
+            )
         if got == want / size:
-            return Feedback(False, "that counts numbers, not bytes: multiply by "
-                                   "bytes_per_element")
+            return Feedback(False, "that counts numbers, not bytes: multiply by bytes_per_element")
         return Feedback(False, f"for {args} the answer is {want:,} bytes, you gave {got:,.0f}")
     return Feedback(True, "2 (K and V) x num_layers x n_kv_heads x head_dim x bytes_per_element")
 
@@ -77,8 +78,10 @@ def check_latent_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -
     """Exercise 10.2: ``fn(num_layers, kv_lora_rank, qk_rope_head_dim, bytes_per_element)`` ->
     bytes per token of MLA's cache over all layers (the argument order of
     :func:`course_utils.mla.latent_cache_bytes`)."""
-    hint = ("write latent_bytes_per_token(num_layers, kv_lora_rank, qk_rope_head_dim, "
-            "bytes_per_element)")
+    hint = (
+        "write latent_bytes_per_token(num_layers, kv_lora_rank, qk_rope_head_dim, "
+        "bytes_per_element)"
+    )
     for args in ((61, 512, 64, 2), (60, 512, 64, 2), (3, 32, 8, 4)):
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
@@ -91,16 +94,25 @@ def check_latent_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -
         if got == want:
             continue
         if got == r * size * layers:
-            return Feedback(False, "MLA also caches the one rotary key k_pe shared by all heads "
-                                   "(qk_rope_head_dim numbers per token)")
+            return Feedback(
+                False,
+                "MLA also caches the one rotary key k_pe shared by all heads "
+                "(qk_rope_head_dim numbers per token)",
+            )
         if got == 2 * (r + dr) * size * layers:
-            return Feedback(False, "the latent is cached once: K and V are both rebuilt from "
-                                   "the same c_kv, so there is no factor 2")
+            return Feedback(
+                False,
+                "the latent is cached once: K and V are both rebuilt from "
+                "the same c_kv, so there is no factor 2",
+            )
         if got == want / layers:
             return Feedback(False, "that is one layer: multiply by num_layers")
         return Feedback(False, f"for {args} the answer is {want:,} bytes, you gave {got:,.0f}")
-    return Feedback(True, "num_layers x (kv_lora_rank + qk_rope_head_dim) x bytes_per_element: "
-                          "576 numbers per token per layer in DeepSeek-V3")
+    return Feedback(
+        True,
+        "num_layers x (kv_lora_rank + qk_rope_head_dim) x bytes_per_element: "
+        "576 numbers per token per layer in DeepSeek-V3",
+    )
 
 
 # -- 11 MLA in code -------------------------------------------------------------------------
@@ -112,8 +124,9 @@ _CTX = torch.randn(3, 5, 6, generator=_G)  # (heads, t, kv_lora_rank)
 _W_UV = torch.randn(3, 2, 6, generator=_G)  # (heads, v_head_dim, kv_lora_rank)
 
 
-def check_absorbed_query(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-                         ) -> Feedback:
+def check_absorbed_query(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+) -> Feedback:
     """Exercise 11.1: ``fn(q_nope, w_uk)`` with q_nope (heads, t, dn) and w_uk (heads, dn, r)
     returns the absorbed query (heads, t, r) whose dot product with c_kv equals q_nope . k_nope."""
     hint = "write absorb_query(q_nope, w_uk): per head, q_nope @ w_uk"
@@ -128,12 +141,16 @@ def check_absorbed_query(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     bad = compare_tensors(got, want, "absorb_query", atol=1e-4)
     if bad is not None:
         return bad
-    return Feedback(True, "q_nope . (W_uk c) = (q_nope W_uk) . c: the key up-projection moves "
-                          "onto the query, so keys are never expanded")
+    return Feedback(
+        True,
+        "q_nope . (W_uk c) = (q_nope W_uk) . c: the key up-projection moves "
+        "onto the query, so keys are never expanded",
+    )
 
 
-def check_absorbed_output(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-                          ) -> Feedback:
+def check_absorbed_output(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+) -> Feedback:
     """Exercise 11.2: ``fn(ctx_latent, w_uv)`` with ctx_latent (heads, t, r) and w_uv
     (heads, dv, r) returns each head's output (heads, t, dv)."""
     hint = "write expand_output(ctx_latent, w_uv): per head, ctx_latent @ w_uv^T"
@@ -144,8 +161,11 @@ def check_absorbed_output(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     bad = compare_tensors(got, want, "expand_output", atol=1e-4)
     if bad is not None:
         return bad
-    return Feedback(True, "attention weights sum latents; W_uv then turns the weighted latent "
-                          "into the head's value, the same as weighting expanded values")
+    return Feedback(
+        True,
+        "attention weights sum latents; W_uv then turns the weighted latent "
+        "into the head's value, the same as weighting expanded values",
+    )
 
 
 # -- 12 integer and binary positions --------------------------------------------------------
@@ -159,10 +179,16 @@ def check_binary_encoding(fn: Callable[[int, int], torch.Tensor] | None) -> Feed
     if fb is not None:
         return fb
     want = binary_encoding(12, 4)
-    if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(
-            got.float(), want.flip(-1)):
-        return Feedback(False, "your bits are most significant first; put bit 0 (the one that "
-                               "flips every position) in column 0")
+    if (
+        isinstance(got, torch.Tensor)
+        and got.shape == want.shape
+        and torch.equal(got.float(), want.flip(-1))
+    ):
+        return Feedback(
+            False,
+            "your bits are most significant first; put bit 0 (the one that "
+            "flips every position) in column 0",
+        )
     bad = compare_tensors(got, want, "binary_positions")
     if bad is not None:
         return bad
@@ -210,23 +236,32 @@ def check_sinusoidal_encoding(fn: Callable[[int, int], torch.Tensor] | None) -> 
     bad = compare_tensors(got, want, "sinusoids", atol=1e-4)
     if bad is not None:
         return bad
-    return Feedback(True, "fast pairs near column 0, slow ones near the end: every position "
-                          "gets a unique, smoothly varying code")
+    return Feedback(
+        True,
+        "fast pairs near column 0, slow ones near the end: every position "
+        "gets a unique, smoothly varying code",
+    )
 
 
 def check_sinusoid_longest_wavelength(answer: float | None) -> Feedback:
     """Exercise 13.2: the longest wavelength (in tokens) of the sinusoids for dim 64, base
     10000."""
     if answer is None:
-        return Feedback(False, "the slowest pair has w = 10000 ** (-62 / 64); wavelength 2 pi / w",
-                        attempted=False)
+        return Feedback(
+            False,
+            "the slowest pair has w = 10000 ** (-62 / 64); wavelength 2 pi / w",
+            attempted=False,
+        )
     got, fb = _number(answer, "the answer")
     if fb is not None:
         return fb
     want = 2 * math.pi * 10000 ** (62 / 64)
     if math.isclose(got, want, rel_tol=1e-3):
-        return Feedback(True, f"about {want:,.0f} tokens: the slowest pair barely turns within "
-                              "a few thousand positions")
+        return Feedback(
+            True,
+            f"about {want:,.0f} tokens: the slowest pair barely turns within "
+            "a few thousand positions",
+        )
     if math.isclose(got, 10000 ** (62 / 64), rel_tol=1e-3):
         return Feedback(False, "that is 1 / w, the tokens per radian; a full turn is 2 pi radians")
     if math.isclose(got, 2 * math.pi * 10000, rel_tol=1e-3):
@@ -248,14 +283,18 @@ def check_rotate_pair(fn: Callable[[torch.Tensor, float], torch.Tensor] | None) 
         c, s = math.cos(angle), math.sin(angle)
         want = torch.tensor([xy[0] * c - xy[1] * s, xy[0] * s + xy[1] * c])
         clockwise = torch.tensor([xy[0] * c + xy[1] * s, -xy[0] * s + xy[1] * c])
-        if isinstance(got, torch.Tensor) and got.shape == (2,) and torch.allclose(
-                got.float(), clockwise, atol=1e-5):
+        if (
+            isinstance(got, torch.Tensor)
+            and got.shape == (2,)
+            and torch.allclose(got.float(), clockwise, atol=1e-5)
+        ):
             return Feedback(False, "that turns clockwise (angle -theta); flip the sign of sin")
         bad = compare_tensors(got, want, "rotate_pair")
         if bad is not None:
             return bad
-    return Feedback(True, "a rotation keeps the length and adds the angle: that is all RoPE "
-                          "does, pair by pair")
+    return Feedback(
+        True, "a rotation keeps the length and adds the angle: that is all RoPE does, pair by pair"
+    )
 
 
 def check_apply_rope_half_split(
@@ -270,10 +309,16 @@ def check_apply_rope_half_split(
     if fb is not None:
         return fb
     want = apply_rope(x, cos, sin, interleaved=False)
-    if isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
-            got.float(), apply_rope(x, cos, sin, interleaved=True), atol=1e-5):
-        return Feedback(False, "that rotates neighbouring pairs (x0, x1), ...: the interleaved "
-                               "layout; here pair i is (x_i, x_{i+d/2})")
+    if (
+        isinstance(got, torch.Tensor)
+        and got.shape == want.shape
+        and torch.allclose(got.float(), apply_rope(x, cos, sin, interleaved=True), atol=1e-5)
+    ):
+        return Feedback(
+            False,
+            "that rotates neighbouring pairs (x0, x1), ...: the interleaved "
+            "layout; here pair i is (x_i, x_{i+d/2})",
+        )
     bad = compare_tensors(got, want, "rope_half_split")
     if bad is not None:
         return bad
@@ -299,9 +344,11 @@ def check_mla_softmax_scale(fn: Callable[[int, int, float, float], float] | None
         want = (dn + dr) ** -0.5 * m_all**2
         if math.isclose(got, want, rel_tol=1e-6):
             continue
-        if math.isclose(got, dn ** -0.5 * m_all**2, rel_tol=1e-6):
-            return Feedback(False, "the query-key dot product runs over nope AND rope dims: "
-                                   "use (dn + dr) ** -0.5")
+        if math.isclose(got, dn**-0.5 * m_all**2, rel_tol=1e-6):
+            return Feedback(
+                False,
+                "the query-key dot product runs over nope AND rope dims: use (dn + dr) ** -0.5",
+            )
         if factor > 1 and math.isclose(got, (dn + dr) ** -0.5 * m_all, rel_tol=1e-6):
             return Feedback(False, "YaRN's mscale multiplies both q and k in effect: square it")
         if factor > 1 and math.isclose(got, (dn + dr) ** -0.5, rel_tol=1e-6):
