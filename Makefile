@@ -32,6 +32,7 @@ lab: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 unit: setup
 	$(PY) -m pytest -m "not notebook" $(PYTEST_ARGS)
@@ -42,6 +43,7 @@ notebooks: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Re-run notebooks in place (NB=notebooks/01_*.ipynb for one) to refresh committed outputs.
@@ -52,7 +54,7 @@ bench: setup
 	$(PY) -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # The training notebooks for seeds 0-4 (not part of `make test`; about 90 minutes on 2 cores):

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -571,7 +572,8 @@ def train_on_task(
         if (step + 1) % every == 0 or step + 1 == steps:
             start = time.perf_counter()
             at.append(step + 1)
-            accuracy.append(evaluate_accuracy(m.eval(), held_out, task=task).accuracy)
+            lm = cast(CausalLM, m.eval())  # build_model() makes a causal language model
+            accuracy.append(evaluate_accuracy(lm, held_out, task=task).accuracy)
             m.train()
             eval_seconds += time.perf_counter() - start
 

@@ -140,15 +140,16 @@ def verify_artifact(path: str | Path, kind: str, spec: Mapping[str, Any]) -> boo
 def load_or_build(
     kind: str,
     spec: Mapping[str, Any],
-    build: Callable[[Path], None],
+    build: Callable[[Path], object],
     load: Callable[[Path], T],
     root: str | Path | None = None,
 ) -> T:
     """``load(path)`` of the artifact ``kind`` made from ``spec`` by the current code, building
     it first with ``build(path)`` when it is absent or corrupt.
 
-    ``build`` writes its files into the directory it is given (which exists and is empty);
-    the manifest is added after it returns and the directory is then renamed into place.
+    ``build`` writes its files into the directory it is given (which exists and is empty;
+    what it returns is ignored); the manifest is added after it returns and the directory is
+    then renamed into place.
     """
     path = artifact_path(kind, spec, root)
     if path.exists() and not verify_artifact(path, kind, spec):

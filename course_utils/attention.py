@@ -16,6 +16,7 @@ Shapes: b batch, t query tokens, s key tokens, h heads, d head dimension.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,63 @@ def causal_mask(t: int, s: int | None = None, device: torch.device | None = None
     if s < t:
         raise ValueError(f"a causal mask needs at least as many keys as queries, got t={t}, s={s}")
     return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = ...,
+    is_causal: bool = ...,
+    dropout_p: float = ...,
+    scale: float | None = ...,
+    return_weights: Literal[False] = ...,
+    generator: torch.Generator | None = ...,
+) -> Tensor: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = ...,
+    is_causal: bool = ...,
+    dropout_p: float = ...,
+    scale: float | None = ...,
+    *,
+    return_weights: Literal[True],
+    generator: torch.Generator | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    scale: float | None,
+    return_weights: Literal[True],
+    generator: torch.Generator | None = ...,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = ...,
+    is_causal: bool = ...,
+    dropout_p: float = ...,
+    scale: float | None = ...,
+    return_weights: bool = ...,
+    generator: torch.Generator | None = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def scaled_dot_product_attention(

@@ -37,7 +37,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -288,7 +288,9 @@ def save_hf_checkpoint(
 
 def _rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) generator states, as JSON-able values."""
-    np_state = np.random.get_state()
+    # The global generator is a legacy MT19937 RandomState, whose get_state() (legacy=True by
+    # default) is this tuple; numpy's stubs type the default call as the dict form.
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [
@@ -372,7 +374,7 @@ def save_training_state(
 def _all_model_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Parameters and *all* buffers (non-persistent ones too, e.g. the MoE load counters that
     the bias update reads), tied parameters once."""
-    out = dict(model.named_parameters())
+    out: dict[str, Tensor] = dict(model.named_parameters())
     out.update(dict(model.named_buffers()))
     return out
 

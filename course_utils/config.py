@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 from .mla import MLAConfig
 from .moe import MoEConfig
@@ -154,8 +154,9 @@ class DeepSeekConfig:
         if self.rope_scaling is not None:
             scaling = {k: v for k, v in dict(self.rope_scaling).items() if k != "rope_theta"}
             if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-                scaling = None
-            self.rope_scaling = scaling
+                self.rope_scaling = None
+            else:
+                self.rope_scaling = scaling
         for name in (
             "vocab_size",
             "hidden_size",
@@ -248,8 +249,9 @@ class DeepSeekConfig:
             topk_group=self.topk_group,
             routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.norm_topk_prob,
-            scoring_func=self.scoring_func,
-            topk_method=self.topk_method,
+            # __post_init__ has filled both in from model_type when they were None
+            scoring_func=cast(str, self.scoring_func),
+            topk_method=cast(str, self.topk_method),
             bias_update_speed=self.bias_update_speed,
             aux_loss_alpha=self.aux_loss_alpha,
             seq_aux=self.seq_aux,

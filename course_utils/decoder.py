@@ -12,6 +12,7 @@ with no RoPE part: positions come from the embedding, as for the others), which 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +102,8 @@ class DecoderBlock(nn.Module):
                 )
             self.self_attn = MultiHeadLatentAttention(config.mla_config())
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        # __post_init__ has replaced a None intermediate_size by its default width
+        self.mlp = SwiGLU(config.hidden_size, cast(int, config.intermediate_size))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, cache: BaseCache | None = None) -> Tensor:
@@ -136,7 +138,10 @@ class TinyDecoder(nn.Module):
                 f"{self.config.max_position_embeddings}; generate fewer tokens or build the "
                 "model with a larger max_position_embeddings"
             )
-        return [layer.self_attn.new_cache(batch_size, capacity) for layer in self.layers]
+        return [
+            cast(DecoderBlock, layer).self_attn.new_cache(batch_size, capacity)
+            for layer in self.layers
+        ]
 
     def forward(self, input_ids: Tensor, caches: list[BaseCache] | None = None) -> Tensor:
         return self.forward_with_hidden(input_ids, caches)[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -355,7 +356,7 @@ def train_on_policy_distillation(
         rows = torch.randint(0, len(problems), (batch_size,), generator=pick).tolist()
         prompts = task.encode_prompts([problems[i] for i in rows], device)
         ids = generate(
-            student,
+            cast(CausalLM, student),  # a causal language model: an nn.Module with new_caches
             prompts,
             max_new,
             temperature=temperature,

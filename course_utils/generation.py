@@ -14,10 +14,10 @@ implement them, so cached and uncached decoding are compared by one function.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, cast, overload
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .sampling import sample_next_token
 
@@ -28,6 +28,67 @@ class CausalLM(Protocol):
     def __call__(self, input_ids: Tensor, caches: list | None = None) -> Tensor: ...
 
     def new_caches(self, batch_size: int, capacity: int) -> list: ...
+
+
+@overload
+def generate(
+    model: CausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = ...,
+    top_k: int | None = ...,
+    top_p: float | None = ...,
+    use_cache: bool = ...,
+    eos_token_id: int | None = ...,
+    generator: torch.Generator | None = ...,
+    return_logits: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def generate(
+    model: CausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = ...,
+    top_k: int | None = ...,
+    top_p: float | None = ...,
+    use_cache: bool = ...,
+    eos_token_id: int | None = ...,
+    generator: torch.Generator | None = ...,
+    *,
+    return_logits: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def generate(
+    model: CausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    use_cache: bool,
+    eos_token_id: int | None,
+    generator: torch.Generator | None,
+    return_logits: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def generate(
+    model: CausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = ...,
+    top_k: int | None = ...,
+    top_p: float | None = ...,
+    use_cache: bool = ...,
+    eos_token_id: int | None = ...,
+    generator: torch.Generator | None = ...,
+    return_logits: bool = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 @torch.no_grad()
@@ -56,9 +117,10 @@ def generate(
         raise ValueError(f"input_ids must be (batch, t) with t >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    # A model with a training flag is an nn.Module (the protocol itself has no eval/train).
     was_training = getattr(model, "training", False)
     if was_training:
-        model.eval()
+        cast(nn.Module, model).eval()
     batch, prompt_len = input_ids.shape
     ids = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
@@ -80,7 +142,7 @@ def generate(
                 break
     finally:
         if was_training:
-            model.train()
+            cast(nn.Module, model).train()
     if return_logits:
         vocab = step_logits[0].shape[-1] if step_logits else 0
         stacked = (

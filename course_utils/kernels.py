@@ -34,7 +34,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -377,6 +377,16 @@ def roofline_seconds(op: Intensity, peak_flops: float, bandwidth: float) -> floa
     if peak_flops <= 0 or bandwidth <= 0:
         raise ValueError(f"peak_flops and bandwidth must be > 0, got {peak_flops}, {bandwidth}")
     return max(op.flops / peak_flops, op.bytes / bandwidth)
+
+
+@overload
+def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float: ...
+
+
+@overload
+def attainable_flops(
+    intensity: np.ndarray, peak_flops: float, bandwidth: float
+) -> float | np.ndarray: ...
 
 
 def attainable_flops(
@@ -741,8 +751,17 @@ def _rmsnorm_kernel() -> Any:
         return _TRITON_KERNELS[interpreting]
     triton, tl = _import_triton()
 
+    # Triton reads the annotation ``tl.constexpr`` to compile BLOCK in; to mypy ``tl`` is a
+    # variable (the triton.language module imported at run time), not a type.
     def rmsnorm_forward(
-        x_ptr, w_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, eps, BLOCK: tl.constexpr
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        n_cols,
+        x_row_stride,
+        y_row_stride,
+        eps,
+        BLOCK: tl.constexpr,  # type: ignore[name-defined]
     ):
         # One program normalises one row: load it once, reduce, scale, store. In PyTorch the
         # same RMSNorm is ~5 kernels, each reading and writing the whole tensor.

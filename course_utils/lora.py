@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,8 @@ def merge_lora(model: nn.Module) -> list[str]:
             "merge a model that contains LoRALinear layers; for a single layer call layer.merged()"
         )
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).merged())
+        layer = cast(LoRALinear, model.get_submodule(name))  # names lists LoRALinear layers
+        _set_submodule(model, name, layer.merged())
     return names
 
 

@@ -21,6 +21,8 @@ Each block is pre-norm: ``h = h + attn(norm(h))``, then ``h = h + mlp(norm(h))``
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,7 @@ from .config import DeepSeekConfig
 from .generation import generate
 from .layers import RMSNorm, SwiGLU
 from .mla import LatentCache, MultiHeadLatentAttention
-from .moe import DeepSeekMoE
+from .moe import DeepSeekMoE, DeepSeekV3Router
 
 __all__ = [
     "DeepSeekDecoderLayer",
@@ -96,10 +98,12 @@ class MTPLayer(DeepSeekDecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(
+    # An MTP depth also reads the next tokens' embeddings, so its forward takes one more
+    # argument than the decoder layer it extends.
+    def forward(  # type: ignore[override]
         self,
         hidden: Tensor,
-        next_embeds: Tensor,  # type: ignore[override]
+        next_embeds: Tensor,
         cache: LatentCache | None = None,
         absorb: bool = False,
     ) -> Tensor:
@@ -111,7 +115,8 @@ class MTPLayer(DeepSeekDecoderLayer):
                 f"{tuple(hidden.shape)} and {tuple(next_embeds.shape)}"
             )
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(hidden)], dim=-1))
-        return self.shared_head.norm(super().forward(x, cache, absorb))
+        norm = cast(RMSNorm, self.shared_head.norm)  # set in __init__ on a plain nn.Module
+        return norm(super().forward(x, cache, absorb))
 
 
 class DeepSeekModel(nn.Module):
@@ -188,14 +193,15 @@ class DeepSeekForCausalLM(nn.Module):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                nn.init.zeros_(bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, DeepSeekMoE):
             nn.init.normal_(module.gate.weight, mean=0.0, std=std)
-            if hasattr(module.gate, "e_score_correction_bias"):
-                module.gate.e_score_correction_bias.zero_()
+            if hasattr(module.gate, "e_score_correction_bias"):  # only the V3 router has it
+                cast(DeepSeekV3Router, module.gate).e_score_correction_bias.zero_()
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -225,7 +231,9 @@ class DeepSeekForCausalLM(nn.Module):
         """One empty :class:`LatentCache` per layer, on the model's device and dtype unless
         given: ``kv_lora_rank + qk_rope_head_dim`` numbers per token per layer."""
         return [
-            layer.self_attn.new_cache(batch_size, capacity, device, dtype)
+            cast(DeepSeekDecoderLayer, layer).self_attn.new_cache(
+                batch_size, capacity, device, dtype
+            )
             for layer in self.model.layers
         ]
 
@@ -288,7 +296,7 @@ class DeepSeekForCausalLM(nn.Module):
             total -= per_expert * (c.n_routed_experts - c.num_experts_per_tok)
         return total
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+    def _apply(self, fn, recurse: bool = True):
         # Casting the model (model.half(), .to(torch.bfloat16)) must not round the float32
         # buffers listed in FP32_BUFFERS; they follow the device but keep their dtype.
         kept = [

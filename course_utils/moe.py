@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -305,6 +305,8 @@ class DeepSeekV3Router(nn.Module):
     x: (..., H) -> Routing.
     """
 
+    e_score_correction_bias: Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         if config.scoring_func != "sigmoid":
@@ -408,6 +410,8 @@ class DeepSeekMoE(nn.Module):
     accumulates counts until :class:`AuxLossFreeBalancer` consumes them.
     ``dispatch``: "vectorized" (default) or "reference" (the per-token loop, for teaching).
     """
+
+    load_since_update: Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, config: MoEConfig, dispatch: str = "vectorized"):
         super().__init__()
@@ -784,7 +788,7 @@ class AuxLossFreeBalancer:
         for layer in self.layers:
             gamma = layer.config.bias_update_speed if self.gamma is None else self.gamma
             if layer.load_since_update.sum() > 0:
-                update_correction_bias(
-                    layer.gate.e_score_correction_bias, layer.load_since_update, gamma
-                )
+                # __init__ kept only the layers whose gate is a DeepSeekV3Router
+                gate = cast(DeepSeekV3Router, layer.gate)
+                update_correction_bias(gate.e_score_correction_bias, layer.load_since_update, gamma)
             layer.load_since_update.zero_()

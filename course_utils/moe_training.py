@@ -32,15 +32,18 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from .arithmetic import ArithmeticTask, evaluate_accuracy
 from .data import ArithmeticProblem
+from .generation import CausalLM
 from .moe import (
     AuxLossFreeBalancer,
     DeepSeekMoE,
+    Routing,
     expert_balance_loss,
     normalized_affinities,
     sequence_balance_loss,
@@ -102,14 +105,16 @@ class BalancingRun:
 
     def max_over_mean(self) -> Tensor:
         """(steps,) the worst layer's max load over mean load (1.0 = balanced)."""
-        n_experts = self.loads.shape[-1]
-        return (self.loads.amax(dim=-1) * n_experts).amax(dim=-1)
+        loads = cast(Tensor, self.loads)  # recorded by the run
+        n_experts = loads.shape[-1]
+        return (loads.amax(dim=-1) * n_experts).amax(dim=-1)
 
     def starved_experts(self, last: int = 20, below: float = 0.1) -> int:
         """Experts (over all layers) whose mean load over the last ``last`` steps is below
         ``below`` times the mean: the mark of a routing collapse."""
-        n_experts = self.loads.shape[-1]
-        recent = self.loads[-last:].mean(dim=0) * n_experts
+        loads = cast(Tensor, self.loads)  # recorded by the run
+        n_experts = loads.shape[-1]
+        recent = loads[-last:].mean(dim=0) * n_experts
         return int((recent < below).sum())
 
 
@@ -135,7 +140,11 @@ def greedy_accuracy(
     was_training = model.training
     model.eval()
     result = evaluate_accuracy(
-        model, problems, max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=False
+        cast(CausalLM, model),  # use_cache=False: only model(ids) is called
+        problems,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        use_cache=False,
     )
     model.train(was_training)
     return result.accuracy
@@ -239,7 +248,7 @@ def _train_one(
     def balance_loss(model: nn.Module) -> Tensor:
         total = torch.zeros((), device=device)
         for layer in layers:
-            r = layer.last_routing
+            r = cast(Routing, layer.last_routing)  # set by the forward this loss follows
             if run.method == "switch":
                 total = total + run.alpha * expert_balance_loss(
                     normalized_affinities(r.scores), r.indices
@@ -252,9 +261,9 @@ def _train_one(
         return total
 
     def record(model: nn.Module, step: int, loss: float) -> None:
-        loads.append(
-            torch.stack([layer.last_counts / layer.last_counts.sum() for layer in layers]).cpu()
-        )
+        # the step's forward has just set every layer's last_counts
+        counts = [cast(Tensor, layer.last_counts) for layer in layers]
+        loads.append(torch.stack([c / c.sum() for c in counts]).cpu())
         if balancer is not None:
             balancer.step()
         else:
@@ -264,7 +273,9 @@ def _train_one(
             torch.stack(
                 [
                     getattr(
-                        layer.gate, "e_score_correction_bias", torch.zeros_like(layer.last_counts)
+                        layer.gate,
+                        "e_score_correction_bias",
+                        torch.zeros_like(cast(Tensor, layer.last_counts)),
                     )
                     .detach()
                     .float()
@@ -304,7 +315,7 @@ def _eval_loss(model: nn.Module, inputs: Tensor, targets: Tensor, chunk: int = 2
 def summarize(runs: Mapping[str, BalancingRun], last: int = 20) -> list[dict[str, float | str]]:
     """One row per arm: final train loss (mean of the last steps), held-out answer loss,
     accuracy, mean max/mean load over the last steps, starved experts, seconds."""
-    rows = []
+    rows: list[dict[str, float | str]] = []
     for name, run in runs.items():
         rows.append(
             {

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from .model import DeepSeekForCausalLM
+from .model import DeepSeekForCausalLM, MTPLayer
 from .train import language_model_loss
 
 __all__ = [
@@ -111,7 +112,8 @@ def mtp_loss_fn(
         raise ValueError(f"lam must be >= 0, got {lam}")
 
     def compute(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        out = mtp_forward(model, x, y)
+        # the trainer passes the model it trains, a DeepSeekForCausalLM with MTP modules
+        out = mtp_forward(cast(DeepSeekForCausalLM, model), x, y)
         main = language_model_loss(out.logits, y)
         depth_losses = [
             language_model_loss(logits, y[:, k:])
@@ -172,7 +174,7 @@ def speculative_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     was_training = model.training
     model.eval()
-    mtp = model.mtp[0]
+    mtp = cast(MTPLayer, model.mtp[0])  # model.mtp is a ModuleList of MTPLayer
     embed = model.model.embed_tokens
     prompt_len = input_ids.shape[1]
     capacity = prompt_len + max_new_tokens + 1

@@ -257,7 +257,7 @@ def yarn_inv_freq(dim: int, base: float, yarn: YarnScaling) -> Tensor:
     interpolation = extrapolation / yarn.factor
     ctx = yarn.original_max_position_embeddings
     low = max(math.floor(_correction_dim(yarn.beta_fast, dim, base, ctx)), 0)
-    high = min(math.ceil(_correction_dim(yarn.beta_slow, dim, base, ctx)), dim - 1)
+    high: float = min(math.ceil(_correction_dim(yarn.beta_slow, dim, base, ctx)), dim - 1)
     if low == high:
         high += 0.001  # avoid dividing by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

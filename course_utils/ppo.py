@@ -28,12 +28,14 @@ import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from .arithmetic import ArithmeticTask
 from .data import ArithmeticProblem, check_completion, uses_worked_steps
+from .generation import CausalLM
 from .rl import (
     GRPOHistory,
     Rewards,
@@ -97,7 +99,11 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def _hidden(self, ids: Tensor) -> Tensor:
-        return self.body.forward_with_hidden(ids)[1]
+        # __init__ checked that the policy copied into body has forward_with_hidden
+        forward_with_hidden = cast(
+            "Callable[[Tensor], tuple[Tensor, Tensor]]", self.body.forward_with_hidden
+        )
+        return forward_with_hidden(ids)[1]
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.head(self._hidden(ids).float()).squeeze(-1)
@@ -267,7 +273,13 @@ def ppo_step(
     max_new = config.max_new_tokens or task.default_max_new_tokens
     prompts = task.encode_prompts(problems, device_of(policy))
     samples = sample_groups(
-        policy, prompts, 1, max_new, config.temperature, task.eos_token_id, generator
+        cast(CausalLM, policy),
+        prompts,
+        1,
+        max_new,
+        config.temperature,
+        task.eos_token_id,
+        generator,
     )
     texts = task.decode_completions(samples.completion_ids)
     scored = reward_fn(list(problems), texts)
@@ -281,8 +293,8 @@ def ppo_step(
         rewards = terminal_rewards(scores.to(mask.device), mask)
         if config.beta > 0:
             logp_ref = completion_logprobs(
-                reference,
-                samples.prompt_ids,  # type: ignore[arg-type]
+                cast(nn.Module, reference),  # checked above: beta > 0 comes with a reference
+                samples.prompt_ids,
                 samples.completion_ids,
                 config.temperature,
             )
@@ -363,7 +375,7 @@ def train_ppo(
     critic = critic if critic is not None else ValueModel(policy)
     if reference is None and config.beta > 0:
         reference = make_reference(policy)
-    optimizers = {
+    optimizers: dict[str, torch.optim.Optimizer] = {
         "policy": make_optimizer(policy, config.lr, 0.0, betas=(0.9, 0.99)),
         "critic": make_optimizer(critic, config.critic_lr, 0.0, betas=(0.9, 0.99)),
     }
@@ -375,7 +387,7 @@ def train_ppo(
             policy,
             critic,
             optimizers["policy"],
-            optimizers["critic"],  # type: ignore[arg-type]
+            optimizers["critic"],
             task,
             batch,
             config,

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from .arithmetic import ArithmeticTask, generate_completions
 from .data import ArithmeticProblem, check_completion
 from .distill import sft_tensors
+from .generation import CausalLM
 from .rl import _token_logprobs, dpo_loss, make_reference, sequence_logprobs
 from .runtime import device_of
 from .train import Trainer, TrainResult
@@ -75,7 +77,7 @@ def build_preference_pairs(
         raise ValueError(f"pairs_per_problem must be >= 1, got {pairs_per_problem}")
     start = time.perf_counter()
     texts = generate_completions(
-        model,
+        cast(CausalLM, model),  # a causal language model: an nn.Module with new_caches
         problems,
         greedy=False,
         temperature=temperature,

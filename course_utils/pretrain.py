@@ -20,7 +20,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -122,7 +122,7 @@ def course_config(**changes: Any) -> PretrainConfig:
     ``changes`` replace fields (then the checkpoint is a different one)."""
     from . import runtime
 
-    sizes = {
+    sizes: dict[str, dict[str, Any]] = {
         "smoke": dict(
             steps=30, batch_size=16, n_train_lines=1000, eval_every=15, n_eval_problems=16
         ),
@@ -214,9 +214,9 @@ class Pretrainer:
         h, c = self.history, self.config
         h.loss.append(loss)
         h.lr.append(self.trainer.optimizer.param_groups[0]["lr"])
-        h.loads.append(
-            [(m.last_counts / m.last_counts.sum()).tolist() for m in self.model.moe_layers()]
-        )
+        # the step's forward has just set every MoE layer's last_counts
+        counts = [cast(Tensor, m.last_counts) for m in self.model.moe_layers()]
+        h.loads.append([(c / c.sum()).tolist() for c in counts])
         if self.balancer is not None:
             self.balancer.step()
         done = step + 1

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,10 @@ from .moe import (
 )
 from .runtime import device_of, make_generator
 from .train import make_optimizer
+
+if TYPE_CHECKING:
+    from .model import DeepSeekForCausalLM
+    from .pretrain import PretrainConfig
 
 __all__ = [
     "correctness_reward",
@@ -155,8 +160,9 @@ def make_reward_fn(
             )
             for name in weights
         }
-        total = sum(w * components[name] for name, w in weights.items())
-        return Rewards(total, components)  # type: ignore[arg-type]
+        # weights is not empty, so the sum is a tensor (not sum()'s int start 0)
+        total = cast(Tensor, sum(w * components[name] for name, w in weights.items()))
+        return Rewards(total, components)
 
     return reward_fn
 
@@ -392,10 +398,11 @@ def grpo_loss(
     """
     if logp_new.dim() != 2:
         raise ValueError(f"logp_new must be (N, T), got shape {tuple(logp_new.shape)}")
-    for name, t in (("logp_old", logp_old), ("mask", mask)):
-        if t.shape != logp_new.shape:
+    for name, other in (("logp_old", logp_old), ("mask", mask)):
+        if other.shape != logp_new.shape:
             raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {tuple(logp_new.shape)} like logp_new"
+                f"{name} has shape {tuple(other.shape)}, expected {tuple(logp_new.shape)} like "
+                "logp_new"
             )
     if logp_ref is not None and logp_ref.shape != logp_new.shape:
         raise ValueError(
@@ -657,7 +664,13 @@ def grpo_step(
     g = config.group_size
     prompts = task.encode_prompts(problems, device)
     samples = sample_groups(
-        policy, prompts, g, max_new, config.temperature, task.eos_token_id, generator
+        cast(CausalLM, policy),
+        prompts,
+        g,
+        max_new,
+        config.temperature,
+        task.eos_token_id,
+        generator,
     )
     texts = task.decode_completions(samples.completion_ids)
     expanded = [p for p in problems for _ in range(g)]
@@ -674,7 +687,11 @@ def grpo_step(
     with torch.no_grad():
         logp_ref = (
             completion_logprobs(
-                reference, samples.prompt_ids, samples.completion_ids, config.temperature
+                # checked above: beta > 0 comes with a reference
+                cast(nn.Module, reference),
+                samples.prompt_ids,
+                samples.completion_ids,
+                config.temperature,
             )
             if config.beta > 0
             else None
@@ -700,7 +717,8 @@ def grpo_step(
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(config.updates_per_batch):
         if config.keep_routing:
-            with replay_routing(policy, sampled_routing):  # type: ignore[arg-type]
+            # keep_routing implies track_routing, so sampled_routing was recorded
+            with replay_routing(policy, cast(dict[str, Tensor], sampled_routing)):
                 logp_new = completion_logprobs(
                     policy, samples.prompt_ids, samples.completion_ids, config.temperature
                 )
@@ -710,8 +728,8 @@ def grpo_step(
             )
         if track_routing:
             routing_stat["routing_changed"] = routing_changed(
-                sampled_routing, recorded_routing(policy), scored
-            )  # type: ignore[arg-type]
+                cast(dict[str, Tensor], sampled_routing), recorded_routing(policy), scored
+            )
         old = logp_new.detach() if logp_old is None else logp_old
         loss, stats = grpo_loss(
             logp_new,
@@ -790,7 +808,10 @@ def run_policy_loop(
     history = GRPOHistory()
 
     def evaluate(step: int) -> None:
-        result = evaluate_accuracy(policy, eval_problems, task=task)  # type: ignore[arg-type]
+        # The policy is a causal language model (an nn.Module with new_caches); evaluate runs
+        # only when eval_every > 0, which needs eval_problems (checked above).
+        held_out = cast(Sequence[ArithmeticProblem], eval_problems)
+        result = evaluate_accuracy(cast(CausalLM, policy), held_out, task=task)
         history.eval_steps.append(step)
         history.eval_accuracy.append(result.accuracy)
         history.eval_worked_fraction.append(result.worked_fraction)
@@ -856,7 +877,7 @@ def train_grpo(
             task,
             batch,
             config,
-            reference,  # type: ignore[arg-type]
+            reference,
             reward_fn,
             generator,
         )
@@ -890,9 +911,11 @@ def grpo_training_problems(n: int = 4096, seed: int = 0) -> list[ArithmeticProbl
 ARTIFACT_KIND = "grpo"
 
 
-def _grpo_spec(pretrain_config: object, grpo_config: GRPOConfig, steps: int, seed: int) -> dict:
+def _grpo_spec(
+    pretrain_config: PretrainConfig, grpo_config: GRPOConfig, steps: int, seed: int
+) -> dict:
     return {
-        "pretrain": pretrain_config.spec(),  # type: ignore[attr-defined]
+        "pretrain": pretrain_config.spec(),
         "grpo": dataclasses.asdict(grpo_config),
         "steps": steps,
         "seed": seed,
@@ -900,7 +923,7 @@ def _grpo_spec(pretrain_config: object, grpo_config: GRPOConfig, steps: int, see
 
 
 def load_or_train_grpo(
-    pretrain_config: object | None = None,
+    pretrain_config: PretrainConfig | None = None,
     grpo_config: GRPOConfig | None = None,
     device: torch.device | str | None = None,
     steps: int = 150,
@@ -927,7 +950,7 @@ def load_or_train_grpo(
         policy = load_or_pretrain(
             pretrain_config,
             device,
-            root=root,  # type: ignore[arg-type]
+            root=root,
             progress=progress,
         )
         train_grpo(
@@ -939,7 +962,7 @@ def load_or_train_grpo(
             progress=progress,
             desc="GRPO (notebook 22's run)",
         )
-        save_hf_checkpoint(policy, path)  # type: ignore[arg-type]
+        save_hf_checkpoint(policy, path)
 
     return load_or_build(
         ARTIFACT_KIND,
@@ -951,7 +974,7 @@ def load_or_train_grpo(
 
 
 def grpo_checkpoint_path(
-    pretrain_config: object,
+    pretrain_config: PretrainConfig,
     grpo_config: GRPOConfig,
     steps: int,
     seed: int,
@@ -965,8 +988,8 @@ def grpo_checkpoint_path(
 
 
 def save_grpo_checkpoint(
-    policy: nn.Module,
-    pretrain_config: object,
+    policy: DeepSeekForCausalLM,
+    pretrain_config: PretrainConfig,
     grpo_config: GRPOConfig,
     steps: int,
     seed: int,
@@ -980,7 +1003,7 @@ def save_grpo_checkpoint(
     return load_or_build(
         ARTIFACT_KIND,
         _grpo_spec(pretrain_config, grpo_config, steps, seed),
-        lambda path: save_hf_checkpoint(policy, path),  # type: ignore[arg-type]
+        lambda path: save_hf_checkpoint(policy, path),
         lambda path: path,
         root,
     )

@@ -311,7 +311,8 @@ def evaluate_language_model(
     """Mean loss and next-token accuracy (argmax == target) over ``n_batches`` batches."""
     was_training = model.training
     model.eval()
-    losses, correct, count = [], 0, 0
+    losses, correct = [], 0
+    count: float = 0  # a sum of Tensor.item() values, which torch types as int | float
     for _ in range(n_batches):
         x, y = get_batch()
         logits = model(x)

@@ -6,9 +6,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
-from nbtool import SETUP_CELL, header, script_to_notebook
+from nbtool import SETUP_CELL, header
 from notebook_checks import (
     HarnessError,
     NotebookFailed,
@@ -29,9 +30,20 @@ print(total)
 """
 
 
+def _from_script(script: str) -> nbformat.NotebookNode:
+    """A notebook from a percent script, as ``jupytext --set-kernel python3`` makes it."""
+    nb = jupytext.reads(script, fmt="py:percent")
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    return nb
+
+
 def _write(tmp_path: Path, name: str, script: str) -> Path:
     path = tmp_path / name
-    nbformat.write(script_to_notebook(script), path)
+    nbformat.write(_from_script(script), path)
     return path
 
 
@@ -110,13 +122,28 @@ def test_a_failing_cell_fails_execution_and_names_notebook_and_cell(tmp_path: Pa
     assert "deliberate failure" in message
 
 
-def test_script_round_trip(good: Path):
-    from nbtool import notebook_to_script
+def test_text_editing_round_trip_keeps_ids_outputs_and_tags(good: Path):
+    """What README's editing recipe does: notebook -> percent script -> edit -> ``jupytext
+    --update`` back into the notebook, which keeps cell ids, outputs and the parameters tag."""
+    from jupytext.combine import combine_inputs_with_outputs
 
     nb = nbformat.read(good, as_version=4)
-    again = script_to_notebook(notebook_to_script(nb))
-    assert [c.source for c in again.cells] == [c.source for c in nb.cells]
-    assert again.cells[2].metadata["tags"] == ["parameters"]
+    text = jupytext.writes(nb, fmt="py:percent")
+    assert '# %% tags=["parameters"]' in text
+    edited = jupytext.reads(
+        text.replace("print(total)", "print(total, 'edited')"), fmt="py:percent"
+    )
+    merged = combine_inputs_with_outputs(edited, nb)
+    assert [c.id for c in merged.cells] == [c.id for c in nb.cells]
+    assert [c.source for c in merged.cells if "edited" not in c.source] == [
+        c.source for c in nb.cells if "print(total)" not in c.source
+    ]
+    params = next(c for c in merged.cells if "parameters" in c.metadata.get("tags", []))
+    assert params.source.strip() == "steps = 3"
+    unchanged = [c for c in merged.cells if c.cell_type == "code" and "edited" not in c.source]
+    assert [c.outputs for c in unchanged] == [
+        c.outputs for c in nb.cells if c.cell_type == "code" and "print(total)" not in c.source
+    ]
 
 
 def test_a_stuck_notebook_is_stopped_at_its_budget(tmp_path: Path):

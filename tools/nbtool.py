@@ -1,24 +1,25 @@
-"""Convert notebooks to and from a plain "percent" script, for authoring and review.
+"""The notebooks' shared first cells, and how to edit a notebook as text.
 
-The committed ``.ipynb`` is the source of truth. To edit one as text::
+The committed ``.ipynb`` is the source of truth. To edit one as text, use jupytext's percent
+format (``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell written as ``# text``,
+``# %% tags=["parameters"]`` tags a cell)::
 
-    python tools/nbtool.py to-py notebooks/01_journey_of_a_token.ipynb scratch/01.py
+    jupytext --to py:percent notebooks/01_journey_of_a_token.ipynb -o scratch/01.py
     ... edit scratch/01.py ...
-    python tools/nbtool.py to-nb scratch/01.py notebooks/01_journey_of_a_token.ipynb
+    jupytext --update --to ipynb scratch/01.py -o notebooks/01_journey_of_a_token.ipynb
     make execute NB=notebooks/01_journey_of_a_token.ipynb
 
-Script format: a line ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose
-lines are written as ``# text``; ``# %% tags=["parameters"]`` tags a code cell.
-``python tools/nbtool.py header NN_name "Title" [--reference]`` prints the title, badge and set-up
-cells that every notebook starts with (``--reference``: a notebook that imports transformers);
-``python tools/nbtool.py setup-cells [notebooks...]`` rewrites existing notebooks' set-up cells to
-the current one (after a change here).
+``--update`` keeps the notebook's outputs and cell ids, so the diff shows only what changed.
+A new notebook: ``python tools/nbtool.py header NN_name "Title" [--reference]`` prints the
+title, badge and set-up cells every notebook starts with (``--reference``: a notebook that imports
+transformers) as a percent script; write the rest below it, then
+``jupytext --to ipynb --set-kernel python3 scratch/NN.py -o notebooks/NN_name.ipynb``.
+``python tools/nbtool.py setup-cells [notebooks...]`` rewrites existing notebooks' set-up cells
+to the current one (after a change here).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -26,8 +27,6 @@ import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from course_utils.runtime import BRANCH, REPO, colab_badge_url  # noqa: E402
-
-_MARKER = re.compile(r"^# %%(?P<md> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
 
 SETUP_CELL = f'''# Set-up on Colab: fetch the course, install course_utils (Colab's torch is kept).
 # COURSE_REPO (a git URL), COURSE_REF (a branch or tag) and COURSE_DIR override the defaults.
@@ -78,59 +77,6 @@ def header(name: str, title: str, reference: bool = False) -> str:
     return f"# %% [markdown]\n# # {title}\n#\n# {badge}\n\n# %%\n{setup}\n"
 
 
-def script_to_notebook(text: str) -> nbformat.NotebookNode:
-    cells, kind, tags, lines = [], None, [], []
-
-    def flush() -> None:
-        if kind is None:
-            return
-        body = "\n".join(lines).strip("\n")
-        if kind == "markdown":
-            body = "\n".join(
-                ln[2:] if ln.startswith("# ") else ln.lstrip("#") for ln in body.split("\n")
-            )
-            cells.append(nbformat.v4.new_markdown_cell(body))
-        else:
-            cell = nbformat.v4.new_code_cell(body)
-            if tags:
-                cell.metadata["tags"] = tags
-            cells.append(cell)
-
-    for line in text.split("\n"):
-        m = _MARKER.match(line)
-        if m:
-            flush()
-            kind = "markdown" if m.group("md") else "code"
-            tags = json.loads(m.group("tags")) if m.group("tags") else []
-            lines = []
-        else:
-            lines.append(line)
-    flush()
-    nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nb.metadata["language_info"] = {"name": "python"}
-    for i, cell in enumerate(nb.cells):
-        cell.id = f"cell-{i:03d}"  # stable ids keep diffs small
-    return nb
-
-
-def notebook_to_script(nb: nbformat.NotebookNode) -> str:
-    parts = []
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            body = "\n".join(("# " + ln) if ln else "#" for ln in cell.source.split("\n"))
-            parts.append("# %% [markdown]\n" + body)
-        elif cell.cell_type == "code":
-            tags = cell.metadata.get("tags", [])
-            marker = "# %%" + (f" tags={json.dumps(tags)}" if tags else "")
-            parts.append(marker + "\n" + cell.source)
-    return "\n\n".join(parts) + "\n"
-
-
 def refresh_setup_cells(paths: list[Path]) -> list[str]:
     """Make the first code cell of each notebook the current set-up cell (the reference variant
     where the old one installed the reference extra); outputs and cell ids are kept. Returns the
@@ -148,13 +94,7 @@ def refresh_setup_cells(paths: list[Path]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[0] == "to-nb":
-        nb = script_to_notebook(Path(argv[1]).read_text(encoding="utf-8"))
-        nbformat.write(nb, argv[2])
-    elif len(argv) == 3 and argv[0] == "to-py":
-        nb = nbformat.read(argv[1], as_version=4)
-        Path(argv[2]).write_text(notebook_to_script(nb), encoding="utf-8")
-    elif len(argv) in (3, 4) and argv[0] == "header" and argv[3:] in ([], ["--reference"]):
+    if len(argv) in (3, 4) and argv[0] == "header" and argv[3:] in ([], ["--reference"]):
         print(header(argv[1], argv[2], reference=argv[3:] == ["--reference"]))
     elif argv and argv[0] == "setup-cells":
         root = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -103,7 +103,8 @@ def check_block_scales(fn: Callable[[Tensor, int], Tensor] | None) -> Feedback:
             "that is 448 / amax, the factor that takes a block *into* FP8; "
             "the scale is the one you multiply by to come back: amax / 448",
         )
-    if torch.allclose(got[nonzero], torch.full_like(got[nonzero], w.abs().max() / _E4M3_MAX)):
+    per_tensor = (w.abs().max() / _E4M3_MAX).item()
+    if torch.allclose(got[nonzero], torch.full_like(got[nonzero], per_tensor)):
         return Feedback(
             False,
             "every block got the same scale, the whole matrix's amax / 448: "
@@ -232,15 +233,28 @@ def check_fp8_gemm(
     got = got.detach().float().cpu()
     raw = a_q.float() @ b_q.float().T
     b_rows = b_s.repeat_interleave(tile, 0)[: b.shape[0]]  # (N, K / tile)
-    only_a = sum(
-        (a_q[:, j * tile : (j + 1) * tile].float() @ b_q[:, j * tile : (j + 1) * tile].float().T)
-        * a_s[:, j, None]
-        for j in range(a_s.shape[1])
+    # sums of one tensor per K slice (there is at least one), so tensors, not the int start 0
+    only_a = cast(
+        Tensor,
+        sum(
+            (
+                a_q[:, j * tile : (j + 1) * tile].float()
+                @ b_q[:, j * tile : (j + 1) * tile].float().T
+            )
+            * a_s[:, j, None]
+            for j in range(a_s.shape[1])
+        ),
     )
-    only_b = sum(
-        (a_q[:, j * tile : (j + 1) * tile].float() @ b_q[:, j * tile : (j + 1) * tile].float().T)
-        * b_rows[None, :, j]
-        for j in range(a_s.shape[1])
+    only_b = cast(
+        Tensor,
+        sum(
+            (
+                a_q[:, j * tile : (j + 1) * tile].float()
+                @ b_q[:, j * tile : (j + 1) * tile].float().T
+            )
+            * b_rows[None, :, j]
+            for j in range(a_s.shape[1])
+        ),
     )
     first = raw * a_s[:, :1] * b_rows[None, :, 0]
     for wrong, why in (

@@ -147,7 +147,7 @@ def _stream(seed: int) -> Tensor:
 
 
 def _run_stream(
-    fn: Callable[..., Any], x: Tensor, block: int, hint: str
+    fn: Callable[..., Any] | None, x: Tensor, block: int, hint: str
 ) -> tuple[Tensor, Tensor] | Feedback:
     m, l = torch.tensor(float("-inf")), torch.tensor(0.0)
     for start in range(0, x.numel(), block):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,11 +36,13 @@ __all__ = [
 ]
 
 
-def _number(got: object, what: str) -> tuple[float | None, Feedback | None]:
+def _number(got: Any, what: str) -> float | Feedback:
+    """``got`` (anything a learner returned) as a float, or the feedback saying that it is not
+    a number."""
     try:
-        return float(got), None  # type: ignore[arg-type]
+        return float(got)
     except (TypeError, ValueError):
-        return None, Feedback(False, f"{what} should return a number, got {type(got).__name__}")
+        return Feedback(False, f"{what} should return a number, got {type(got).__name__}")
 
 
 # -- 10 MLA from first principles ---------------------------------------------------------
@@ -54,9 +57,9 @@ def check_kv_bytes_per_token(fn: Callable[[int, int, int, int], float] | None) -
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "kv_bytes_per_token")
-        if fb is not None:
-            return fb
+        got = _number(got, "kv_bytes_per_token")
+        if isinstance(got, Feedback):
+            return got
         layers, heads, head_dim, size = args
         want = kv_cache_bytes(layers, heads, head_dim, bytes_per_element=size)
         if got == want:
@@ -86,9 +89,9 @@ def check_latent_cache_bytes(fn: Callable[[int, int, int, int], float] | None) -
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "latent_bytes_per_token")
-        if fb is not None:
-            return fb
+        got = _number(got, "latent_bytes_per_token")
+        if isinstance(got, Feedback):
+            return got
         layers, r, dr, size = args
         want = latent_cache_bytes(layers, r, dr, bytes_per_element=size)
         if got == want:
@@ -199,9 +202,9 @@ def check_positions_for_bits(answer: int | None) -> Feedback:
     """Exercise 12.2: how many distinct positions can 16 bits tell apart?"""
     if answer is None:
         return Feedback(False, "how many different numbers fit in 16 bits?", attempted=False)
-    got, fb = _number(answer, "the answer")
-    if fb is not None:
-        return fb
+    got = _number(answer, "the answer")
+    if isinstance(got, Feedback):
+        return got
     if got == 2**16:
         return Feedback(True, "2**16 = 65,536 positions; the next one needs a 17th bit")
     if got == 2**16 - 1:
@@ -252,9 +255,9 @@ def check_sinusoid_longest_wavelength(answer: float | None) -> Feedback:
             "the slowest pair has w = 10000 ** (-62 / 64); wavelength 2 pi / w",
             attempted=False,
         )
-    got, fb = _number(answer, "the answer")
-    if fb is not None:
-        return fb
+    got = _number(answer, "the answer")
+    if isinstance(got, Feedback):
+        return got
     want = 2 * math.pi * 10000 ** (62 / 64)
     if math.isclose(got, want, rel_tol=1e-3):
         return Feedback(
@@ -336,9 +339,9 @@ def check_mla_softmax_scale(fn: Callable[[int, int, float, float], float] | None
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "mla_softmax_scale")
-        if fb is not None:
-            return fb
+        got = _number(got, "mla_softmax_scale")
+        if isinstance(got, Feedback):
+            return got
         dn, dr, factor, m = args
         m_all = yarn_get_mscale(factor, m)
         want = (dn + dr) ** -0.5 * m_all**2
@@ -365,9 +368,9 @@ def check_yarn_mscale(fn: Callable[[float, float], float] | None) -> Feedback:
         got, fb = call_learner(fn, hint, *args)
         if fb is not None:
             return fb
-        got, fb = _number(got, "yarn_mscale")
-        if fb is not None:
-            return fb
+        got = _number(got, "yarn_mscale")
+        if isinstance(got, Feedback):
+            return got
         want = yarn_get_mscale(*args)
         if math.isclose(got, want, rel_tol=1e-6):
             continue
